@@ -300,7 +300,8 @@ def test_empty_tensor_passes_through():
 
 def test_static_amax_saturates_and_matches_dynamic_when_equal():
     x = randn(8, 64, seed=11, scale=3.0)
-    assert torch.equal(fake_quantize(x, "int", 8, "row", amax=compute_amax(x, "row")), fake_quantize(x, "int", 8, "row"))
+    static = fake_quantize(x, "int", 8, "row", amax=compute_amax(x, "row"))
+    assert torch.equal(static, fake_quantize(x, "int", 8, "row"))
     assert compute_amax(x).shape == () and compute_amax(x, "row").shape == (8, 1)
     assert compute_amax(x, "group", 16).shape == (32, 1) and compute_amax(x, fmt="nvfp4").shape == (32, 1)
 
@@ -335,9 +336,12 @@ def test_search_clip_ratio_beats_no_clipping_on_outlier_rows():
     assert (searched < unclipped).any()
 
 
-def test_search_clip_ratio_grid_of_one_keeps_range():
+def test_search_clip_ratio_keeps_the_range_unless_clipping_helps():
     x = randn(4, 64, seed=14)
     assert torch.equal(search_clip_ratio(x, "fp8_e4m3", granularity="row", grid=[1.0]), torch.ones(4, 1))
+    # an all-zero row quantizes exactly at every ratio: the tie goes to the first grid value
+    x[2] = 0.0
+    assert search_clip_ratio(x, "int", 4, "row")[2].item() == 1.0
 
 
 # --- registry and argument errors ------------------------------------------------------------

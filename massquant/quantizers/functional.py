@@ -32,7 +32,7 @@ def _block_length(x: Tensor, fmt: NumberFormat, granularity: str, group_size: in
         raise UserError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
     width = x.shape[-1] if x.dim() else 1
     if fmt.kind == "micro":
-        size = group_size or fmt.default_group_size
+        size = fmt.default_group_size if group_size is None else group_size
     elif granularity == "tensor":
         return x.numel()
     elif granularity == "row":
@@ -157,7 +157,7 @@ def _quantize_nvfp4(blocks: Tensor, amax: Tensor) -> Tensor:
     # The fp32 per-tensor scale maps the largest block scale onto E4M3's maximum.
     global_scale = amax.max() / (E2M1_MAX * E4M3_MAX)
     block_scale = torch.clamp(_safe_divide(amax / E2M1_MAX, global_scale), max=E4M3_MAX)
-    scale = block_scale * global_scale
+    scale = block_scale.to(torch.float8_e4m3fn).float() * global_scale
     return round_to_e2m1(_safe_divide(blocks, scale)) * scale
 
 
