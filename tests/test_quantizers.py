@@ -364,7 +364,7 @@ def test_registry_entries():
         (dict(fmt="fp8_e4m3", bits=4), "fp8_e4m3 is 8-bit only; got bits=4"),
         (dict(fmt="mxfp4", bits=8), "mxfp4 is 4-bit only; got bits=8"),
         (dict(fmt="fp6"), "unknown number format 'fp6'; valid formats: int, fp8_e4m3"),
-        (dict(granularity="group", group_size=48), "group size 48 must be positive and divide"),
+        (dict(granularity="group", group_size=200), "group size 200 must be between 1 and the last dimension"),
         (dict(granularity="group"), "granularity='group' needs group_size"),
         (dict(granularity="channel"), "unknown granularity 'channel'"),
         (dict(fmt="mxfp4", group_size=40), "group size 40"),
@@ -392,3 +392,13 @@ def test_sqnr_db_known_values():
     assert sqnr_db(ones, ones * 1.1) == pytest.approx(20.0, abs=1e-4)
     assert sqnr_db(ones, ones) == math.inf
     assert sqnr_db(ones, ones * 0.9) == pytest.approx(20.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("fmt, symmetric", [("int", True), ("int", False), ("fp8_e4m3", True)])
+def test_ragged_last_group_equals_separately_quantized_pieces(fmt, symmetric):
+    """A width of 80 in groups of 32: two full groups and one of 16, each with its own scale."""
+    x = torch.randn(5, 80, generator=torch.Generator().manual_seed(3)) * 4
+    out = fake_quantize(x, fmt, 4 if fmt == "int" else 8, "group", 32, symmetric)
+    for begin, end in ((0, 32), (32, 64), (64, 80)):
+        piece = fake_quantize(x[:, begin:end], fmt, 4 if fmt == "int" else 8, "row", symmetric=symmetric)
+        assert torch.equal(out[:, begin:end], piece)

@@ -33,17 +33,29 @@ def _block_length(x: Tensor, fmt: NumberFormat, granularity: str, group_size: in
     width = x.shape[-1] if x.dim() else 1
     if fmt.kind == "micro":
         size = fmt.default_group_size if group_size is None else group_size
-    elif granularity == "tensor":
+        if size <= 0 or width % size:
+            raise UserError(f"{fmt.name} group size {size} must be positive and divide the last dimension ({width})")
+        return size
+    if granularity == "tensor":
         return x.numel()
-    elif granularity == "row":
+    if granularity == "row":
         return width
-    elif group_size is None:
+    if group_size is None:
         raise UserError("granularity='group' needs group_size")
-    else:
-        size = group_size
-    if size <= 0 or width % size:
-        raise UserError(f"group size {size} must be positive and divide the last dimension ({width})")
-    return size
+    if not 0 < group_size <= width:
+        raise UserError(f"group size {group_size} must be between 1 and the last dimension ({width})")
+    return group_size  # a ragged last group was padded by _pad_ragged_groups
+
+
+def _pad_ragged_groups(x: Tensor, fmt: NumberFormat, granularity: str, group_size: int | None) -> Tensor:
+    """int/fp8 rows may end in a shorter group (as GPTQ's do): zero padding never changes a group's range.
+
+    Micro formats keep their hardware block size, which must divide the width.
+    """
+    if fmt.kind == "micro" or granularity != "group" or not group_size or group_size <= 0 or x.dim() == 0:
+        return x
+    missing = -x.shape[-1] % group_size
+    return torch.nn.functional.pad(x, (0, missing)) if missing and group_size <= x.shape[-1] else x
 
 
 def _as_blocks(x: Tensor, fmt: NumberFormat, granularity: str, group_size: int | None) -> Tensor:
@@ -89,7 +101,7 @@ def compute_amax(
     ready to be passed back as ``amax`` (static / calibrated quantization).
     """
     spec = validate(fmt, None)
-    amax, _ = _block_stats(_as_blocks(x, spec, granularity, group_size), symmetric)
+    amax, _ = _block_stats(_as_blocks(_pad_ragged_groups(x, spec, granularity, group_size), spec, granularity, group_size), symmetric)
     return _stat_shape(amax, spec, granularity)
 
 
@@ -101,7 +113,8 @@ def compute_amin(
 ) -> Tensor:
     """The per-block signed minimum used by asymmetric quantization; shaped like ``compute_amax``."""
     spec = validate(fmt, None)
-    _, amin = _block_stats(_as_blocks(x, spec, granularity, group_size), symmetric=False)
+    padded = _pad_ragged_groups(x, spec, granularity, group_size)
+    _, amin = _block_stats(_as_blocks(padded, spec, granularity, group_size), symmetric=False)
     return _stat_shape(amin, spec, granularity)
 
 
@@ -218,11 +231,12 @@ def fake_quantize(
     _check_symmetry(spec, symmetric)
     if x.numel() == 0:  # e.g. an MoE expert that received no tokens
         return x.clone()
-    blocks = _as_blocks(x, spec, granularity, group_size)
+    padded = _pad_ragged_groups(x, spec, granularity, group_size)
+    blocks = _as_blocks(padded, spec, granularity, group_size)
     block_amax, block_amin = _ranges(blocks, symmetric, amax, amin)
     ratio = _per_block(clip_ratio, blocks, "clip_ratio")
     dequantized = _quantize_blocks(blocks, spec, bits, symmetric, block_amax * ratio, block_amin * ratio)
-    return dequantized.reshape(x.shape).to(x.dtype)
+    return dequantized.reshape(padded.shape)[..., : x.shape[-1]].to(x.dtype)
 
 
 def search_clip_ratio(
@@ -244,7 +258,7 @@ def search_clip_ratio(
     spec = validate(fmt, bits)
     bits = spec.default_bits if bits is None else bits
     _check_symmetry(spec, symmetric)
-    blocks = _as_blocks(x, spec, granularity, group_size)
+    blocks = _as_blocks(_pad_ragged_groups(x, spec, granularity, group_size), spec, granularity, group_size)
     block_amax, block_amin = _block_stats(blocks, symmetric)
     ratios = torch.as_tensor(
         torch.linspace(1.0, 0.5, 11) if grid is None else grid, dtype=torch.float32, device=blocks.device
