@@ -1,0 +1,197 @@
+"""Quantization configurations and the one compact spec syntax, parsed here only.
+
+A spec names what is quantized and how, e.g. ``w4g128``, ``w8a8``,
+``w4a8-token``, ``w8a8kv8``, ``wfp8afp8``, ``wmxfp4amxfp4``, ``w4g64-asym-mse``::
+
+    spec    := part+
+    part    := ("w" | "a" | "kv") format ["g" GROUP] ("-" modifier)*
+    format  := BITS (2..8, integer) | fp8 | fp8e4m3 | fp8e5m2 | mxfp4 | nvfp4 | nf4 | fp4
+    modifier:= tensor | channel | token | head | group | sym | asym
+             | dynamic | static | minmax | pNN.N (percentile) | mse (weight clip search)
+
+``nf4``/``fp4`` are bitsandbytes' 4-bit weight formats (``--backend bnb``).
+The CLI flags, recipes and lm-eval ``model_args`` all end up in ``QuantSpec``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from massquant.errors import UserError
+from massquant.quantizers.formats import FORMATS, validate
+
+WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
+ACTIVATION_GRANULARITIES = ("tensor", "token")
+KV_GRANULARITIES = ("tensor", "token", "head", "group")
+GRANULARITIES_BY_TARGET = {"w": WEIGHT_GRANULARITIES, "a": ACTIVATION_GRANULARITIES, "kv": KV_GRANULARITIES}
+BACKEND_ONLY_FORMATS = {"nf4": "normal-float 4-bit (bitsandbytes)", "fp4": "float 4-bit (bitsandbytes)"}
+DEFAULT_4BIT_GROUP = 128
+_FORMAT_ALIASES = {"fp8": "fp8_e4m3", "fp8e4m3": "fp8_e4m3", "fp8e5m2": "fp8_e5m2", "e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2"}
+_PART = re.compile(
+    r"(?P<target>kv|w|a)"
+    r"(?P<format>\d+|fp8e4m3|fp8e5m2|fp8|mxfp4|nvfp4|nf4|fp4)"
+    r"(?:g(?P<group>\d+))?"
+    r"(?P<modifiers>(?:-(?:tensor|channel|token|head|group|sym|asym|dynamic|static|minmax|mse|p\d+(?:\.\d+)?))*)"
+)
+
+
+@dataclass(frozen=True)
+class TensorQuantSpec:
+    """How one kind of tensor (weights, activations or KV cache) is quantized."""
+
+    format: str = "int"  # a key of quantizers.formats.FORMATS, or nf4/fp4 for bitsandbytes
+    bits: int = 8
+    granularity: str = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    dynamic: bool = True  # activations / KV: scale per forward (True) or calibrated once (False)
+    calibration: str = "minmax"  # static scales: "minmax" or "p99.9"-style percentile
+    clip_search: bool = False  # weights: per-block clip ratio minimising MSE
+
+    def label(self, target: str) -> str:
+        """Canonical spec text of this part, e.g. ``w4g128`` or ``a8-token``."""
+        body = {"int": str(self.bits), "fp8_e4m3": "fp8", "fp8_e5m2": "fp8e5m2"}.get(self.format, self.format)
+        text = f"{target}{body}"
+        if self.group_size and self.format in ("int", "fp8_e4m3", "fp8_e5m2"):
+            text += f"g{self.group_size}"
+        default = default_part(target, self.format, self.bits)
+        if self.granularity != default.granularity and not self.group_size:
+            text += f"-{self.granularity}"
+        if not self.symmetric:
+            text += "-asym"
+        if not self.dynamic:
+            text += "-static" + ("" if self.calibration == "minmax" else f"-{self.calibration}")
+        if self.clip_search:
+            text += "-mse"
+        return text
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Everything quantized in one configuration; ``None`` parts stay in full precision."""
+
+    weights: TensorQuantSpec | None = None
+    activations: TensorQuantSpec | None = None
+    kv_cache: TensorQuantSpec | None = None
+    backend: str = "fake"
+    include: tuple[str, ...] = ()  # module-name regexes; empty = every decoder linear
+    exclude: tuple[str, ...] = ()
+    quantize_lm_head: bool = False
+    bnb_threshold: float = 6.0  # LLM.int8 outlier threshold (backend bnb, 8-bit weights)
+    calibration_samples: int = 16  # sequences for static activation / KV scales and GPTQ
+
+    @property
+    def name(self) -> str:
+        parts = [
+            part.label(target)
+            for target, part in (("w", self.weights), ("a", self.activations), ("kv", self.kv_cache))
+            if part is not None
+        ]
+        text = "".join(parts) or "fp"
+        return text if self.backend == "fake" else f"{text}@{self.backend}"
+
+    @property
+    def is_identity(self) -> bool:
+        return self.weights is None and self.activations is None and self.kv_cache is None
+
+
+def default_part(target: str, fmt: str, bits: int) -> TensorQuantSpec:
+    """Defaults users expect: per-channel weights (g128 at 4 bits and below), per-token activations and KV heads."""
+    if target == "w":
+        grouped = fmt == "int" and bits <= 4
+        return TensorQuantSpec(fmt, bits, "group" if grouped else "channel", DEFAULT_4BIT_GROUP if grouped else None)
+    return TensorQuantSpec(fmt, bits, "token" if target == "a" else "head")
+
+
+def _format_and_bits(token: str, target: str, spec_text: str) -> tuple[str, int]:
+    if token.isdigit():
+        fmt, bits = "int", int(token)
+    elif token in BACKEND_ONLY_FORMATS:
+        if target != "w":
+            raise UserError(f"spec '{spec_text}': {token} is a weight-only bitsandbytes format")
+        return token, 4
+    else:
+        fmt = _FORMAT_ALIASES.get(token, token)
+        bits = 4 if fmt in ("mxfp4", "nvfp4") else 8
+    try:
+        validate(fmt, bits)
+    except UserError as error:
+        raise UserError(f"spec '{spec_text}': {error}") from None
+    return fmt, bits
+
+
+def _apply_modifiers(part: TensorQuantSpec, modifiers: list[str], target: str, spec_text: str) -> TensorQuantSpec:
+    valid_granularities = GRANULARITIES_BY_TARGET[target]
+    for modifier in modifiers:
+        if modifier in ("tensor", "channel", "token", "head", "group"):
+            if modifier not in valid_granularities:
+                raise UserError(
+                    f"spec '{spec_text}': granularity '{modifier}' is not valid for "
+                    f"{ {'w': 'weights', 'a': 'activations', 'kv': 'the KV cache'}[target]}; "
+                    f"valid: {', '.join(valid_granularities)}"
+                )
+            part = replace(part, granularity=modifier, group_size=part.group_size if modifier == "group" else None)
+        elif modifier in ("sym", "asym"):
+            part = replace(part, symmetric=modifier == "sym")
+        elif modifier in ("dynamic", "static"):
+            if target == "w":
+                raise UserError(f"spec '{spec_text}': weights are always quantized once; '{modifier}' applies to a/kv")
+            part = replace(part, dynamic=modifier == "dynamic")
+        elif modifier == "minmax" or modifier.startswith("p"):
+            if modifier.startswith("p") and not 0 < float(modifier[1:]) <= 100:
+                raise UserError(f"spec '{spec_text}': percentile {modifier[1:]} must be in (0, 100]")
+            part = replace(part, calibration=modifier, dynamic=False)
+        elif modifier == "mse":
+            if target != "w":
+                raise UserError(f"spec '{spec_text}': '-mse' clip search applies to weights only")
+            part = replace(part, clip_search=True)
+    return part
+
+
+def validate_part(part: TensorQuantSpec, target: str, context: str) -> TensorQuantSpec:
+    """Checks shared by the spec parser and the explicit flags."""
+    if part.format not in BACKEND_ONLY_FORMATS:
+        try:
+            validate(part.format, part.bits)
+        except UserError as error:
+            raise UserError(f"{context}: {error}") from None
+    if not part.symmetric and part.format != "int":
+        raise UserError(f"{context}: asymmetric quantization is only available for integer formats")
+    if part.granularity == "group" and not part.group_size:
+        raise UserError(f"{context}: group granularity needs a group size (e.g. g128)")
+    if part.group_size is not None and part.group_size <= 0:
+        raise UserError(f"{context}: group size must be positive; got {part.group_size}")
+    if part.granularity not in GRANULARITIES_BY_TARGET[target]:
+        raise UserError(
+            f"{context}: granularity '{part.granularity}' is not valid here; "
+            f"valid: {', '.join(GRANULARITIES_BY_TARGET[target])}"
+        )
+    return part
+
+
+def parse_spec(text: str, **settings) -> QuantSpec:
+    """``"w4g128a8-token"`` -> QuantSpec; ``settings`` fill the non-format fields (backend, include, ...)."""
+    spec_text = text.strip().lower()
+    if spec_text in ("", "fp", "none", "fp32", "bf16", "fp16"):
+        return QuantSpec(**settings)
+    parts: dict[str, TensorQuantSpec] = {}
+    position = 0
+    while position < len(spec_text):
+        match = _PART.match(spec_text, position)
+        if not match:
+            raise UserError(
+                f"cannot parse spec '{text}' at '{spec_text[position:]}'; expected parts like w4g128, a8-token, "
+                f"kv8, wfp8, amxfp4 (formats: 2..8 bits, {', '.join(sorted(set(_FORMAT_ALIASES) | set(FORMATS) - {'int'}))}, nf4, fp4)"
+            )
+        target = match["target"]
+        if target in parts:
+            raise UserError(f"spec '{text}' sets '{target}' twice")
+        fmt, bits = _format_and_bits(match["format"], target, text)
+        part = default_part(target, fmt, bits)
+        if match["group"]:
+            part = replace(part, granularity="group", group_size=int(match["group"]))
+        modifiers = [m for m in match["modifiers"].split("-") if m]
+        parts[target] = validate_part(_apply_modifiers(part, modifiers, target, text), target, f"spec '{text}'")
+        position = match.end()
+    return QuantSpec(weights=parts.get("w"), activations=parts.get("a"), kv_cache=parts.get("kv"), **settings)
