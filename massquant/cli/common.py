@@ -8,9 +8,13 @@ import sys
 
 import torch
 
+from massquant.backends import BACKENDS, get_backend
+from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT
 from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES, PerplexityConfig
+from massquant.quantizers.formats import FORMATS
+from massquant.quantizers.spec import ACTIVATION_GRANULARITIES, KV_GRANULARITIES, QuantSpec, parse_spec, spec_text_from_flags
 from massquant.models.loading import ATTENTION_IMPLEMENTATIONS, DEFAULT_MODEL, DEVICES, DTYPES, MODEL_ALIASES, ModelConfig
 from massquant.reporting.results import ensure_writable_dir, to_json, write_json_atomic
 from massquant.reporting.tables import TABLE_FORMATS
@@ -109,3 +113,57 @@ class ResultSink:
             print(table)
             if self.directory:
                 print(f"\nresults: {self.directory / self.filename}", file=sys.stderr)
+
+
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "quantization",
+        "A spec names what is quantized: w<fmt>[g<N>] a<fmt> kv<fmt> with -modifiers, fmt = 2..8 (int), fp8, "
+        "fp8e5m2, mxfp4, nvfp4 (nf4/fp4 with --backend bnb). Examples: w4g128, w8a8, w4a8-token, w8a8kv8, "
+        "wfp8afp8, wmxfp4amxfp4, w8a8-tensor, a8-static-p99.9, w4g64-asym-mse.",
+    )
+    group.add_argument("--spec", action="append", default=[], metavar="SPEC", help="a spec; repeat or comma-separate to compare several in one run")
+    group.add_argument("--bits", type=int, help="weight bits (alone: weight-only quantization)")
+    group.add_argument("--format", default="int", metavar="FMT", help=f"number format of weights and activations: int, {', '.join(f for f in FORMATS if f != 'int')}, nf4, fp4 (default: int)")
+    group.add_argument("--group-size", type=int, help="weight group size (default: 128 at 4 bits and below, else per channel)")
+    group.add_argument("--act-bits", type=int, help="activation bits (inputs of every decoder linear)")
+    group.add_argument("--act-granularity", choices=ACTIVATION_GRANULARITIES, help="activation scales per token (default) or per tensor")
+    group.add_argument("--kv-bits", type=int, help="KV-cache bits (keys after RoPE, and values)")
+    group.add_argument("--kv-granularity", choices=KV_GRANULARITIES, help="KV scales per head and token (default), token, group or tensor")
+    symmetry = group.add_mutually_exclusive_group()
+    symmetry.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric integer quantization (default)")
+    symmetry.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric integer quantization (zero point)")
+    group.add_argument("--backend", action="append", default=[], metavar="NAME", help=f"{', '.join(BACKENDS)} (default: fake); repeat to compare backends")
+    group.add_argument("--include", action="append", default=[], metavar="REGEX", help="quantize only linears whose name matches")
+    group.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep linears whose name matches in full precision")
+    group.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection (kept in full precision by default)")
+    group.add_argument("--bnb-threshold", type=float, default=6.0, help="LLM.int8 outlier threshold for --backend bnb (default: 6.0)")
+    group.add_argument("--calib-data", default=DEFAULT_CALIBRATION_TEXT, help=f"text for static ranges and GPTQ (default: {DEFAULT_CALIBRATION_TEXT})")
+    group.add_argument("--calib-samples", type=positive_int, default=16, help="calibration sequences (default: 16)")
+    group.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default: 512)")
+
+
+def quant_specs(args) -> list[QuantSpec]:
+    """Every spec named by --spec and by the explicit flags, for every --backend."""
+    settings = dict(
+        include=tuple(args.include), exclude=tuple(args.exclude),
+        quantize_lm_head=args.quantize_lm_head, bnb_threshold=args.bnb_threshold,
+        calibration_samples=args.calib_samples,
+    )
+    texts = [text for option in args.spec for text in option.split(",") if text.strip()]
+    from_flags = spec_text_from_flags(
+        args.bits, args.format, args.group_size, args.symmetric, args.act_bits,
+        args.act_granularity, args.kv_bits, args.kv_granularity,
+    )
+    if from_flags:
+        texts.append(from_flags)
+    backends = args.backend or ["fake"]
+    for backend in backends:
+        get_backend(backend)
+    specs = [parse_spec(text, backend=backend, **settings) for text in texts for backend in backends]
+    return [spec for spec in specs if not spec.is_identity]
+
+
+def needs_calibration(specs: list[QuantSpec]) -> bool:
+    parts = [p for s in specs for p in (s.activations, s.kv_cache) if p is not None]
+    return any(not p.dynamic for p in parts) or any(s.backend == "gptq" for s in specs)

@@ -1,17 +1,19 @@
-"""massquant eval: perplexity of the baseline and each configuration, in one table."""
+"""massquant eval: perplexity of the full-precision baseline and each quantized configuration."""
 
 from __future__ import annotations
 
+from massquant.backends import get_backend
 from massquant.cli import common
+from massquant.data.calibration import calibration_batch
 from massquant.data.text import load_text, text_fingerprint
 from massquant.evaluation.perplexity import build_windows
-from massquant.evaluation.runner import BASELINE, evaluate_perplexity_rows
+from massquant.evaluation.runner import BASELINE, Configuration, evaluate_perplexity_rows
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.reporting.results import environment
 from massquant.reporting.tables import format_delta, render
 
 NAME = "eval"
-HELP = "perplexity of the full-precision baseline and each configuration"
+HELP = "perplexity of the full-precision baseline and each quantized configuration"
 COLUMNS = {
     "config": "config",
     "ppl": "perplexity",
@@ -24,18 +26,38 @@ COLUMNS = {
 def add_arguments(parser) -> None:
     common.add_model_arguments(parser)
     common.add_data_arguments(parser)
+    common.add_quantization_arguments(parser)
     common.add_output_arguments(parser)
 
 
+def quantized_configurations(loaded, specs, calibration) -> list[Configuration]:
+    return [
+        Configuration(
+            spec.name,
+            apply=lambda spec=spec: get_backend(spec.backend).apply(loaded, spec, calibration),
+            details={"spec": spec.name, "backend": spec.backend},
+        )
+        for spec in specs
+    ]
+
+
 def run(args) -> int:
+    # Everything a user can get wrong is checked before the model loads.
     sink = common.ResultSink(args)
     model_config, ppl_config = common.model_config(args), common.perplexity_config(args)
     ppl_config.validate()
     model_config.validate()
+    specs = common.quant_specs(args)
     common.seed_everything(args.seed)
     text = load_text(ppl_config.data)
     loaded = load_model(model_config)
     windows = build_windows(loaded.tokenizer, text, ppl_config, max_sequence_length(loaded.model))
+    calibration = None
+    if common.needs_calibration(specs):
+        calibration = calibration_batch(
+            loaded.tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed,
+            bos=windows.bos_token_id is not None,
+        )
     payload = {
         "command": "eval",
         "model": {"reference": model_config.model, "source": loaded.source, "fingerprint": loaded.fingerprint, **vars(model_config)},
@@ -46,6 +68,7 @@ def run(args) -> int:
             "text_fingerprint": text_fingerprint(text),
             "text_tokens": windows.text_tokens,
         },
+        "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_len": args.calib_seq_len} if calibration is not None else None,
         "seed": args.seed,
         "environment": environment(),
         "rows": [],
@@ -55,7 +78,8 @@ def run(args) -> int:
         payload["rows"] = rows
         sink.save(payload)
 
-    rows = evaluate_perplexity_rows(loaded.model, windows, [BASELINE], ppl_config.batch_size, on_row=save_partial)
+    configurations = [BASELINE, *quantized_configurations(loaded, specs, calibration)]
+    rows = evaluate_perplexity_rows(loaded.model, windows, configurations, ppl_config.batch_size, on_row=save_partial)
     table_rows = [{**row, "delta_ppl_text": format_delta(row["delta_ppl"])} for row in rows]
     sink.finish(payload, render(table_rows, COLUMNS, args.table_format))
     return 0

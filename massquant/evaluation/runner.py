@@ -2,45 +2,45 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from massquant.backends import AppliedQuantization
 from massquant.evaluation.perplexity import TokenWindows, perplexity
-
-# Applies a configuration to the model in place and returns the function that undoes it.
-Apply = Callable[[object], Callable[[], None]]
 
 
 @dataclass
 class Configuration:
+    """A named change to the loaded model; ``apply`` makes it and says how to undo it."""
+
     name: str
-    apply: Apply | None = None  # None: the model as loaded
+    apply: Callable[[], AppliedQuantization] | None = None  # None: the model as loaded
     details: dict = field(default_factory=dict)
 
 
-BASELINE = Configuration("fp")
+BASELINE = Configuration("fp", details={"spec": "fp", "backend": None})
 
 
 def evaluate_perplexity_rows(
     model, windows: TokenWindows, configurations: list[Configuration], batch_size: int = 1, on_row=None
 ) -> list[dict]:
-    """One row per configuration, the first being the baseline every Δ refers to.
+    """One row per configuration; Δ refers to the first row, which should be the baseline.
 
-    ``on_row`` is called after each row so a caller can save partial results.
+    ``on_row(rows)`` runs after each row so a caller can save partial results.
     """
     rows: list[dict] = []
-    baseline_ppl = None
     for configuration in configurations:
-        undo = configuration.apply(model) if configuration.apply else None
+        started = time.perf_counter()
+        applied = configuration.apply() if configuration.apply else AppliedQuantization(model, lambda: None, {})
+        setup_seconds = time.perf_counter() - started
         try:
-            result = perplexity(model, windows, batch_size, description=configuration.name)
+            result = perplexity(applied.model, windows, batch_size, description=configuration.name)
         finally:
-            if undo:
-                undo()
+            applied.undo()
         row = {"config": configuration.name, **configuration.details, **result.as_dict()}
-        if baseline_ppl is None:
-            baseline_ppl = result.ppl
-        row["delta_ppl"] = result.ppl - baseline_ppl
+        row.update(setup_seconds=setup_seconds, quantization=applied.summary)
+        row["delta_ppl"] = result.ppl - rows[0]["ppl"] if rows else 0.0
         rows.append(row)
         if on_row:
             on_row(rows)

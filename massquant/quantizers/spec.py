@@ -134,14 +134,16 @@ def _apply_modifiers(part: TensorQuantSpec, modifiers: list[str], target: str, s
             part = replace(part, granularity=modifier, group_size=part.group_size if modifier == "group" else None)
         elif modifier in ("sym", "asym"):
             part = replace(part, symmetric=modifier == "sym")
-        elif modifier in ("dynamic", "static"):
+        elif modifier in ("dynamic", "static", "minmax") or modifier.startswith("p"):
             if target == "w":
                 raise UserError(f"spec '{spec_text}': weights are always quantized once; '{modifier}' applies to a/kv")
-            part = replace(part, dynamic=modifier == "dynamic")
-        elif modifier == "minmax" or modifier.startswith("p"):
             if modifier.startswith("p") and not 0 < float(modifier[1:]) <= 100:
                 raise UserError(f"spec '{spec_text}': percentile {modifier[1:]} must be in (0, 100]")
-            part = replace(part, calibration=modifier, dynamic=False)
+            if modifier == "dynamic":
+                part = replace(part, dynamic=True)
+            else:  # a calibrated range is one per tensor: token positions change from input to input
+                calibration = part.calibration if modifier == "static" else modifier
+                part = replace(part, dynamic=False, granularity="tensor", calibration=calibration)
         elif modifier == "mse":
             if target != "w":
                 raise UserError(f"spec '{spec_text}': '-mse' clip search applies to weights only")
@@ -162,6 +164,8 @@ def validate_part(part: TensorQuantSpec, target: str, context: str) -> TensorQua
         raise UserError(f"{context}: group granularity needs a group size (e.g. g128)")
     if part.group_size is not None and part.group_size <= 0:
         raise UserError(f"{context}: group size must be positive; got {part.group_size}")
+    if not part.dynamic and part.granularity != "tensor":
+        raise UserError(f"{context}: static (calibrated) scales are per tensor; got granularity '{part.granularity}'")
     if part.granularity not in GRANULARITIES_BY_TARGET[target]:
         raise UserError(
             f"{context}: granularity '{part.granularity}' is not valid here; "
@@ -195,3 +199,42 @@ def parse_spec(text: str, **settings) -> QuantSpec:
         parts[target] = validate_part(_apply_modifiers(part, modifiers, target, text), target, f"spec '{text}'")
         position = match.end()
     return QuantSpec(weights=parts.get("w"), activations=parts.get("a"), kv_cache=parts.get("kv"), **settings)
+
+
+def spec_text_from_flags(
+    bits: int | None = None,
+    fmt: str = "int",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    act_bits: int | None = None,
+    act_granularity: str | None = None,
+    kv_bits: int | None = None,
+    kv_granularity: str | None = None,
+) -> str:
+    """The explicit flags (``--bits 4 --group-size 64 --act-bits 8``) written as a spec string.
+
+    ``fmt`` applies to the weights and activations; ``bits`` alone means weights
+    only. Writing the flags as a spec keeps one parser and one set of checks.
+    """
+    if fmt not in ("int", *FORMATS, *BACKEND_ONLY_FORMATS):
+        raise UserError(f"unknown format '{fmt}'; accepted: {', '.join([*FORMATS, *BACKEND_ONLY_FORMATS])}")
+
+    def body(width: int | None) -> str:
+        if fmt == "int":
+            return str(width or 8)
+        natural = 4 if fmt in ("mxfp4", "nvfp4", *BACKEND_ONLY_FORMATS) else 8
+        if width not in (None, natural):
+            raise UserError(f"format {fmt} is {natural}-bit only; got --bits/--act-bits {width}")
+        return fmt.replace("_", "")
+
+    suffix = "" if symmetric else "-asym"
+    text = ""
+    if bits is not None or fmt != "int":
+        text += f"w{body(bits)}" + (f"g{group_size}" if group_size else "") + suffix
+    elif group_size:
+        raise UserError("--group-size needs --bits (weight quantization)")
+    if act_bits is not None:
+        text += f"a{body(act_bits)}" + (f"-{act_granularity}" if act_granularity else "") + suffix
+    if kv_bits is not None:
+        text += f"kv{kv_bits}" + (f"-{kv_granularity}" if kv_granularity else "") + suffix
+    return text

@@ -1,0 +1,106 @@
+"""Where each architecture keeps its layers, attention, MLP and norms: data, in one table.
+
+To support a new architecture, add one ``Architecture`` entry below, keyed by
+``config.model_type``. Paths are dotted attribute names, relative to the model
+(``layers``, ``final_norm``) or to one decoder layer (the others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from massquant.errors import UserError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    layers: str
+    attention: str
+    mlp: str
+    down_proj: str  # the MLP's output projection, whose input carries the super-weight spikes
+    input_norm: str
+    post_attention_norm: str
+    final_norm: str
+    norm_kind: str  # "rmsnorm" or "layernorm"
+    query: str | None = None
+    key: str | None = None
+    value: str | None = None
+    out_proj: str | None = None
+    up_proj: tuple[str, ...] = ()  # linears reading the post-attention norm's output
+
+
+_LLAMA_LIKE = Architecture(
+    layers="model.layers", attention="self_attn", mlp="mlp", down_proj="mlp.down_proj",
+    input_norm="input_layernorm", post_attention_norm="post_attention_layernorm", final_norm="model.norm",
+    norm_kind="rmsnorm", query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
+    out_proj="self_attn.o_proj", up_proj=("mlp.gate_proj", "mlp.up_proj"),
+)
+_GEMMA2_LIKE = Architecture(  # extra norms after attention and MLP; the MLP reads pre_feedforward_layernorm
+    **{**vars(_LLAMA_LIKE), "post_attention_norm": "pre_feedforward_layernorm"}
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
+    "phi3": Architecture(
+        layers="model.layers", attention="self_attn", mlp="mlp", down_proj="mlp.down_proj",
+        input_norm="input_layernorm", post_attention_norm="post_attention_layernorm", final_norm="model.norm",
+        norm_kind="rmsnorm", out_proj="self_attn.o_proj", up_proj=("mlp.gate_up_proj",),
+    ),
+    "phi": Architecture(  # parallel attention and MLP share one LayerNorm
+        layers="model.layers", attention="self_attn", mlp="mlp", down_proj="mlp.fc2",
+        input_norm="input_layernorm", post_attention_norm="input_layernorm", final_norm="model.final_layernorm",
+        norm_kind="layernorm", query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
+        out_proj="self_attn.dense", up_proj=("mlp.fc1",),
+    ),
+    "gpt2": Architecture(
+        layers="transformer.h", attention="attn", mlp="mlp", down_proj="mlp.c_proj",
+        input_norm="ln_1", post_attention_norm="ln_2", final_norm="transformer.ln_f", norm_kind="layernorm",
+        out_proj="attn.c_proj", up_proj=("mlp.c_fc",),
+    ),
+    "gpt_neox": Architecture(
+        layers="gpt_neox.layers", attention="attention", mlp="mlp", down_proj="mlp.dense_4h_to_h",
+        input_norm="input_layernorm", post_attention_norm="post_attention_layernorm",
+        final_norm="gpt_neox.final_layer_norm", norm_kind="layernorm", out_proj="attention.dense",
+        up_proj=("mlp.dense_h_to_4h",),
+    ),
+    "opt": Architecture(
+        layers="model.decoder.layers", attention="self_attn", mlp="", down_proj="fc2",
+        input_norm="self_attn_layer_norm", post_attention_norm="final_layer_norm",
+        final_norm="model.decoder.final_layer_norm", norm_kind="layernorm", query="self_attn.q_proj",
+        key="self_attn.k_proj", value="self_attn.v_proj", out_proj="self_attn.out_proj", up_proj=("fc1",),
+    ),
+    "falcon": Architecture(
+        layers="transformer.h", attention="self_attention", mlp="mlp", down_proj="mlp.dense_4h_to_h",
+        input_norm="input_layernorm", post_attention_norm="input_layernorm", final_norm="transformer.ln_f",
+        norm_kind="layernorm", out_proj="self_attention.dense", up_proj=("mlp.dense_h_to_4h",),
+    ),
+}
+
+
+def architecture_of(model: torch.nn.Module) -> Architecture:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"architecture '{model_type}' is not supported; supported: {', '.join(ARCHITECTURES)} "
+            "(add it to massquant/models/architectures.py)"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def get_path(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    module = root
+    for name in filter(None, dotted.split(".")):
+        module = getattr(module, name)
+    return module
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(get_path(model, architecture_of(model).layers))

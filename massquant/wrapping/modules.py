@@ -1,0 +1,101 @@
+"""Modules that hold quantization state; the math is in massquant.quantizers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from massquant.quantizers.spec import TensorQuantSpec
+from massquant.quantizers.tensors import observed_range, quantize_activation, quantize_kv, quantize_weight
+
+
+class RangeObserver(nn.Module):
+    """A tensor quantizer's calibration state: dynamic, observing, or frozen with a static range."""
+
+    def __init__(self, part: TensorQuantSpec):
+        super().__init__()
+        self.part = part
+        self.observing = False
+        self.register_buffer("amax", None)
+        self.register_buffer("amin", None)
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        self._batches.append(observed_range(x, self.part))
+
+    def freeze(self) -> None:
+        """Min-max takes the extremes over batches; a percentile is averaged over them."""
+        if not self._batches:
+            raise RuntimeError("calibration saw no input for this quantizer")
+        highs = torch.stack([high for high, _ in self._batches])
+        lows = torch.stack([low for _, low in self._batches])
+        if self.part.calibration == "minmax":
+            self.amax, self.amin = highs.max(), lows.min()
+        else:
+            self.amax, self.amin = highs.mean(), lows.mean()
+        self._batches.clear()
+        self.observing = False
+
+    @property
+    def static_range(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (self.amax, self.amin if not self.part.symmetric else None)
+
+
+class ActivationQuantizer(RangeObserver):
+    """Quantizes a linear layer's input, per token or per tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        return quantize_activation(x, self.part, *self.static_range)
+
+
+class KVQuantizer(RangeObserver):
+    """Quantizes one attention module's keys and values (after RoPE), as a KV cache would hold them."""
+
+    def __init__(self, part: TensorQuantSpec):
+        super().__init__(part)
+        self.values = RangeObserver(part)  # keys and values have separate static ranges
+
+    def forward(self, module, key, value, attention_mask):
+        if self.observing:
+            self.observe(key)
+            self.values.observe(value)
+            return key, value, attention_mask
+        key = quantize_kv(key, self.part, *self.static_range)
+        value = quantize_kv(value, self.part, *self.values.static_range)
+        return key, value, attention_mask
+
+    def freeze(self) -> None:
+        super().freeze()
+        self.values.freeze()
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with its weight quantized once and, optionally, its input per forward."""
+
+    def __init__(self, original: nn.Module, weight_part: TensorQuantSpec | None, input_part: TensorQuantSpec | None):
+        super().__init__()
+        weight = original.weight
+        if not isinstance(original, nn.Linear):  # GPT-2's Conv1D stores [in, out]
+            weight = weight.t()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.original = [original]  # a list, so the original is neither a submodule nor in state_dict
+        with torch.no_grad():
+            quantized = quantize_weight(weight.detach(), weight_part) if weight_part else weight.detach()
+        self.weight = nn.Parameter(quantized.contiguous(), requires_grad=False)
+        self.bias = original.bias
+        self.weight_part = weight_part
+        self.input_quantizer = ActivationQuantizer(input_part) if input_part else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        weight = self.weight_part.label("w") if self.weight_part else "fp"
+        activation = self.input_quantizer.part.label("a") if self.input_quantizer else "fp"
+        return f"in={self.in_features}, out={self.out_features}, weight={weight}, input={activation}"

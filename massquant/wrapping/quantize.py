@@ -1,0 +1,112 @@
+"""``quantize_(model, spec)``: simulated quantization in place, undoable.
+
+The torchao-style entry point: a config (QuantSpec or its spec string) and one
+call. Weights are quantized once here, never per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from massquant.backends.selection import select_linears, set_module
+from massquant.errors import UserError
+from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.quantizers.spec import QuantSpec, parse_spec
+from massquant.wrapping.attention import attach_kv_transform
+from massquant.wrapping.modules import KVQuantizer, QuantLinear, RangeObserver
+
+
+@dataclass
+class QuantizationHandle:
+    """What ``quantize_`` changed; ``undo()`` (or leaving a ``with`` block) restores the model exactly."""
+
+    model: torch.nn.Module
+    spec: QuantSpec
+    linears: dict[str, QuantLinear] = field(default_factory=dict)
+    kv_quantizers: list[KVQuantizer] = field(default_factory=list)
+    _undo_steps: list[Callable[[], None]] = field(default_factory=list)
+
+    def undo(self) -> None:
+        while self._undo_steps:
+            self._undo_steps.pop()()
+
+    def __enter__(self) -> "QuantizationHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+    def summary(self) -> dict:
+        return {
+            "backend": "fake",
+            "spec": self.spec.name,
+            "linears": len(self.linears),
+            "kv_attention_modules": len(self.kv_quantizers),
+            "static": any(not o.part.dynamic for o in self.observers()),
+        }
+
+    def observers(self) -> list[RangeObserver]:
+        inputs = [q.input_quantizer for q in self.linears.values() if q.input_quantizer is not None]
+        return inputs + list(self.kv_quantizers)
+
+
+def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None:
+    originals = []
+    for name, module in tqdm(select_linears(model, spec), desc=f"quantizing {spec.name}", unit="linear", leave=False):
+        quantized = QuantLinear(module, spec.weights, spec.activations)
+        set_module(model, name, quantized)
+        handle.linears[name] = quantized
+        originals.append((name, module))
+
+    def restore() -> None:
+        for name, module in originals:
+            set_module(model, name, module)
+
+    handle._undo_steps.append(restore)
+
+
+def _attach_kv_quantizers(model, spec: QuantSpec, handle: QuantizationHandle) -> None:
+    attention_path = architecture_of(model).attention
+    modules = [get_path(layer, attention_path) for layer in decoder_layers(model)]
+    handle.kv_quantizers = [KVQuantizer(spec.kv_cache) for _ in modules]
+    handle._undo_steps.append(attach_kv_transform(model, modules, lambda index, _: handle.kv_quantizers[index]))
+
+
+@torch.inference_mode()
+def calibrate(model, observers: list[RangeObserver], calibration: torch.Tensor) -> None:
+    """Run calibration sequences in full precision of the observed tensors and freeze static ranges."""
+    for observer in observers:
+        observer.observing = True
+    device = next(model.parameters()).device
+    for row in tqdm(calibration, desc="calibrating static ranges", unit="seq", leave=False):
+        model(input_ids=row[None].to(device), use_cache=False)
+    for observer in observers:
+        observer.freeze()
+
+
+def quantize_(model, spec: QuantSpec | str, calibration: torch.Tensor | None = None) -> QuantizationHandle:
+    """Quantize ``model`` in place as ``spec`` says (fake quantization) and return the undo handle.
+
+    ``calibration`` ([samples, seq_len] token ids) is needed when activations or
+    the KV cache use static (calibrated) ranges.
+    """
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    handle = QuantizationHandle(model, spec)
+    try:
+        if spec.weights is not None or spec.activations is not None:
+            _replace_linears(model, spec, handle)
+        if spec.kv_cache is not None:
+            _attach_kv_quantizers(model, spec, handle)
+        static = [observer for observer in handle.observers() if not observer.part.dynamic]
+        if static:
+            if calibration is None:
+                raise UserError(f"spec '{spec.name}' has static ranges and needs calibration sequences")
+            calibrate(model, static, calibration)
+    except BaseException:
+        handle.undo()
+        raise
+    return handle
