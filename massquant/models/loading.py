@@ -137,12 +137,13 @@ def _clear_gguf_markers(model) -> None:
         del model.config.quantization_config
 
 
-def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
-    """Load model and tokenizer; ``load_model(model="smollm2-135m")`` is the short form."""
+def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedModel:
+    """Load model and tokenizer: ``load_model("smollm2-135m")``, ``load_model(model=path, dtype=...)``
+    or ``load_model(ModelConfig(...))``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    config = config or ModelConfig()
+    config = ModelConfig(model=config) if isinstance(config, str) else (config or ModelConfig())
     for key, value in overrides.items():
         setattr(config, key, value)
     config.validate()
