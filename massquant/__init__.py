@@ -11,7 +11,14 @@ Python API (notebooks)::
     # leaving the block (or handle.undo()) restores the model exactly
 """
 
-from massquant.data.text import load_text
+import logging
+
+# Import-time notices from optional kernels (torchao's CUDA-only libraries) say nothing
+# about the user's run; keep the terminal for progress, tables and errors.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+from massquant.data.text import load_text  # noqa: E402  (after the logging set-up)
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig, build_windows, perplexity
 from massquant.models.loading import ModelConfig, load_model
