@@ -1,0 +1,44 @@
+"""Which linear layers a spec quantizes, and how to swap one module for another by name."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from massquant.errors import UserError
+
+
+def select_linears(model: nn.Module, spec) -> list[tuple[str, nn.Linear]]:
+    """Every ``nn.Linear`` the spec selects, in model order.
+
+    The output embedding stays in full precision unless ``spec.quantize_lm_head``;
+    ``spec.include`` (when non-empty) keeps names matching any regex, ``spec.exclude``
+    then drops names matching any regex (``re.search`` on the dotted module name).
+    A spec that selects nothing is a mistake (a mistyped regex), so it raises UserError.
+    """
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    selected = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if module is output_embeddings and not spec.quantize_lm_head:
+            continue
+        if spec.include and not any(re.search(pattern, name) for pattern in spec.include):
+            continue
+        if any(re.search(pattern, name) for pattern in spec.exclude):
+            continue
+        selected.append((name, module))
+    if not selected:
+        raise UserError(
+            f"spec '{spec.name}' selects no linear layer (include={list(spec.include)}, exclude={list(spec.exclude)}); "
+            "include/exclude are regexes searched in module names such as 'model.layers.0.mlp.up_proj'"
+        )
+    return selected
+
+
+def set_module(model: nn.Module, dotted_name: str, new_module: nn.Module) -> None:
+    """Replace the submodule at ``dotted_name`` (e.g. ``model.layers.0.mlp.up_proj``)."""
+    parent_name, _, child_name = dotted_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new_module)
