@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from massquant.cli import common, eval as eval_command
+from massquant.cli import common, errors as errors_command, eval as eval_command
 from massquant.errors import UserError
 
-COMMANDS = [eval_command]
+COMMANDS = [eval_command, errors_command]
 
 
 def build_parser() -> common.ArgumentParser:

@@ -279,8 +279,11 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     if reference.shape != approx.shape:
         raise UserError(f"sqnr_db needs equal shapes; got {list(reference.shape)} and {list(approx.shape)}")
     reference = reference.double()
-    signal = reference.square().sum().item()
-    noise = (reference - approx.double()).square().sum().item()
+    return energy_ratio_db(reference.square().sum().item(), (reference - approx.double()).square().sum().item())
+
+
+def energy_ratio_db(signal: float, noise: float) -> float:
+    """10·log10(signal/noise) from summed squares: +inf when exact, -inf for noise on a zero signal."""
     if noise == 0:
         return math.inf
     if signal == 0:
