@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
-
-import importlib.util
 
 import pytest
 import torch
@@ -215,6 +214,7 @@ def test_gptq_refuses_before_quantizing(tiny, spec_text, settings, calibration, 
 def test_gptq_maps_include_exclude_to_one_module_list_per_block(tiny):
     from massquant.backends.gptq import _modules_in_block
 
-    assert _modules_in_block(tiny.model, parse_spec("w4g32"), 32) is None  # every linear: GPTQConfig's default
-    only_mlp = parse_spec("w4g32", include=(r"mlp\.",), exclude=("gate",))
-    assert _modules_in_block(tiny.model, only_mlp, 32) == [["mlp.up_proj"], ["mlp.down_proj"]]
+    every_linear = select_linears(tiny.model, parse_spec("w4g32"))
+    assert _modules_in_block(tiny.model, every_linear) is None  # GPTQConfig's default: all of them
+    only_mlp = select_linears(tiny.model, parse_spec("w4g32", include=(r"mlp\.",), exclude=("gate",)))
+    assert _modules_in_block(tiny.model, only_mlp) == [["mlp.up_proj"], ["mlp.down_proj"]]

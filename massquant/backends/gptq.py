@@ -44,12 +44,7 @@ def _group_size(spec) -> int:
     return weights.group_size if weights.granularity == "group" else -1
 
 
-def _modules_in_block(model, spec, group_size: int) -> list[list[str]] | None:
-    """The spec's selection as GPTQConfig's per-block module list (None = every linear of every block).
-
-    optimum quantizes only the linears inside the repeated decoder blocks and applies one
-    list of block-relative names to every block; selections it cannot express are refused.
-    """
+def _selected_linears(model, spec, group_size: int) -> list:
     if spec.quantize_lm_head:
         raise UserError("backend gptq cannot quantize the lm_head (optimum's GPTQ only quantizes decoder blocks); drop --quantize-lm-head or use another backend")
     selected = select_linears(model, spec)
@@ -61,6 +56,15 @@ def _modules_in_block(model, spec, group_size: int) -> list[list[str]] | None:
                 f"spec '{spec.name}': group size {group_size} does not divide the input width of every selected layer "
                 f"(widths {widths}, not divisible: {bad}); try g64 or g32"
             )
+    return selected
+
+
+def _modules_in_block(model, selected) -> list[list[str]] | None:
+    """The selection as GPTQConfig's per-block module list (None = every linear of every block).
+
+    optimum quantizes only the linears inside the repeated decoder blocks and applies one
+    list of block-relative names to every block; selections it cannot express are refused.
+    """
     block_prefix = get_block_name_with_pattern(model) + "."
     outside = [name for name, _ in selected if not name.startswith(block_prefix)]
     if outside:
@@ -92,7 +96,8 @@ def _calibration_texts(tokenizer, calibration: torch.Tensor | None) -> list[str]
 
 def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
     group_size = _group_size(spec)
-    modules_in_block = _modules_in_block(loaded.model, spec, group_size)
+    selected = _selected_linears(loaded.model, spec, group_size)
+    modules_in_block = _modules_in_block(loaded.model, selected)
     texts = _calibration_texts(loaded.tokenizer, calibration)
     config = GPTQConfig(
         bits=spec.weights.bits,
@@ -132,7 +137,7 @@ def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization
         undo=undo,
         summary={
             "backend": "gptq",
-            "modules": len(select_linears(loaded.model, spec)),
+            "modules": len(selected),
             "bits": spec.weights.bits,
             "group_size": group_size,
             "symmetric": spec.weights.symmetric,
