@@ -17,7 +17,7 @@ from optimum.gptq.utils import get_block_name_with_pattern
 from transformers import AutoModelForCausalLM, GPTQConfig
 
 from massquant.backends import AppliedQuantization
-from massquant.backends.selection import select_linears
+from massquant.backends.selection import check_group_divides, select_linears
 from massquant.errors import UserError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -48,14 +48,7 @@ def _selected_linears(model, spec, group_size: int) -> list:
     if spec.quantize_lm_head:
         raise UserError("backend gptq cannot quantize the lm_head (optimum's GPTQ only quantizes decoder blocks); drop --quantize-lm-head or use another backend")
     selected = select_linears(model, spec)
-    if group_size > 0:
-        widths = sorted({linear.in_features for _, linear in selected})
-        bad = [width for width in widths if width % group_size]
-        if bad:
-            raise UserError(
-                f"spec '{spec.name}': group size {group_size} does not divide the input width of every selected layer "
-                f"(widths {widths}, not divisible: {bad}); try g64 or g32"
-            )
+    check_group_divides(spec, selected, group_size, "try g64 or g32")
     return selected
 
 

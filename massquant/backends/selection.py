@@ -42,3 +42,16 @@ def set_module(model: nn.Module, dotted_name: str, new_module: nn.Module) -> Non
     parent_name, _, child_name = dotted_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child_name, new_module)
+
+
+def check_group_divides(spec, selected: list[tuple[str, nn.Linear]], group_size: int | None, hint: str) -> None:
+    """Real grouped kernels need the group size to divide every selected input width (fake quantization does not)."""
+    if not group_size or group_size <= 0:
+        return
+    widths = sorted({linear.in_features for _, linear in selected})
+    bad = [width for width in widths if width % group_size]
+    if bad:
+        raise UserError(
+            f"spec '{spec.name}': group size {group_size} does not divide the input width of every selected layer "
+            f"(widths {widths}, not divisible: {bad}); {hint}"
+        )

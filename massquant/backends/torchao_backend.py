@@ -23,7 +23,7 @@ from torchao.quantization import (
 )
 
 from massquant.backends import AppliedQuantization
-from massquant.backends.selection import select_linears
+from massquant.backends.selection import check_group_divides, select_linears
 from massquant.errors import UserError
 
 SUPPORTED = (
@@ -89,15 +89,7 @@ def _config(spec):
 
 def _check_group_divides(spec, selected) -> None:
     group = spec.weights.group_size if spec.weights.granularity == "group" else None
-    if group is None:
-        return
-    widths = sorted({linear.in_features for _, linear in selected})
-    bad = [width for width in widths if width % group]
-    if bad:
-        raise UserError(
-            f"spec '{spec.name}': group size {group} does not divide the input width of every selected layer "
-            f"(widths {widths}, not divisible: {bad}); pick a group size dividing them all"
-        )
+    check_group_divides(spec, selected, group, "pick a group size dividing them all")
 
 
 def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
