@@ -9,6 +9,9 @@ import sys
 import torch
 
 from massquant.backends import BACKENDS, get_backend
+from massquant.massive import DETECTION_MODES, MASSIVE_POLICIES, MassiveCriteria, MassivePolicy
+from massquant.mitigations import parse_mitigations
+from massquant.variants import Variant
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT
 from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
 from massquant.errors import UserError
@@ -164,6 +167,40 @@ def quant_specs(args) -> list[QuantSpec]:
     return [spec for spec in specs if not spec.is_identity]
 
 
-def needs_calibration(specs: list[QuantSpec]) -> bool:
-    parts = [p for s in specs for p in (s.activations, s.kv_cache) if p is not None]
-    return any(not p.dynamic for p in parts) or any(s.backend == "gptq" for s in specs)
+def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """Massive-activation handling and mitigations; with the specs they span the evaluated grid."""
+    group = parser.add_argument_group("massive activations and mitigations")
+    group.add_argument(
+        "--massive", action="append", default=[], metavar="POLICY",
+        help=f"what quantization does with massive activations: {', '.join(MASSIVE_POLICIES)}; comma-separate to compare (default: none)",
+    )
+    group.add_argument("--massive-detection", default="calibrated", choices=DETECTION_MODES, help="find massive sites once on calibration data, or per forward (default: calibrated)")
+    group.add_argument("--massive-threshold", type=float, default=MassiveCriteria.abs_threshold, help="a massive value exceeds this magnitude (default: 100)")
+    group.add_argument("--massive-ratio", type=float, default=MassiveCriteria.median_ratio, help="... and this multiple of its tensor's median magnitude (default: 1000)")
+    group.add_argument(
+        "--mitigation", action="append", default=[], metavar="NAME[:k=v,...]",
+        help="post-hoc mitigation(s) to compare, e.g. hadamard,smoothquant:alpha=0.8 ('massquant mitigations' lists them)",
+    )
+
+
+def massive_policies(args) -> list[MassivePolicy]:
+    criteria = MassiveCriteria(args.massive_threshold, args.massive_ratio)
+    modes = [mode.strip() for option in args.massive for mode in option.split(",") if mode.strip()] or ["none"]
+    return [MassivePolicy(mode, args.massive_detection, criteria).validate() for mode in dict.fromkeys(modes)]
+
+
+def variants(args, specs: list[QuantSpec]) -> list[Variant]:
+    """The baseline first, then every mitigation x massive policy x spec (mitigated rows unquantized too)."""
+    mitigations = [tuple(v) for text in args.mitigation for v in parse_mitigations(text)] or [()]
+    policies = massive_policies(args)
+    grid = [Variant()]
+    for mitigation in dict.fromkeys(mitigations):
+        if mitigation:
+            grid.append(Variant(mitigation=mitigation))
+        for policy in policies:
+            grid.extend(Variant(spec, policy, mitigation) for spec in specs)
+    return list(dict.fromkeys(grid))
+
+
+def needs_calibration(variants_to_run: list[Variant]) -> bool:
+    return any(variant.needs_calibration for variant in variants_to_run)

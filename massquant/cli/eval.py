@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from massquant.backends import get_backend
 from massquant.cli import common
 from massquant.data.calibration import calibration_batch
 from massquant.data.text import load_text, text_fingerprint
 from massquant.evaluation.perplexity import build_windows
-from massquant.evaluation.runner import BASELINE, Configuration, evaluate_perplexity_rows
+from massquant.evaluation.runner import evaluate_variants
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.reporting.results import environment
 from massquant.reporting.tables import format_delta, render
@@ -27,18 +26,8 @@ def add_arguments(parser) -> None:
     common.add_model_arguments(parser)
     common.add_data_arguments(parser)
     common.add_quantization_arguments(parser)
+    common.add_variant_arguments(parser)
     common.add_output_arguments(parser)
-
-
-def quantized_configurations(loaded, specs, calibration) -> list[Configuration]:
-    return [
-        Configuration(
-            spec.name,
-            apply=lambda spec=spec: get_backend(spec.backend).apply(loaded, spec, calibration),
-            details={"spec": spec.name, "backend": spec.backend},
-        )
-        for spec in specs
-    ]
 
 
 def run(args) -> int:
@@ -48,12 +37,13 @@ def run(args) -> int:
     ppl_config.validate()
     model_config.validate()
     specs = common.quant_specs(args)
+    grid = common.variants(args, specs)
     common.seed_everything(args.seed)
     text = load_text(ppl_config.data)
     loaded = load_model(model_config)
     windows = build_windows(loaded.tokenizer, text, ppl_config, max_sequence_length(loaded.model))
     calibration = None
-    if common.needs_calibration(specs):
+    if common.needs_calibration(grid):
         calibration = calibration_batch(
             loaded.tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed,
             bos=windows.bos_token_id is not None,
@@ -78,8 +68,7 @@ def run(args) -> int:
         payload["rows"] = rows
         sink.save(payload)
 
-    configurations = [BASELINE, *quantized_configurations(loaded, specs, calibration)]
-    rows = evaluate_perplexity_rows(loaded.model, windows, configurations, ppl_config.batch_size, on_row=save_partial)
+    rows = evaluate_variants(loaded, grid, windows, calibration, ppl_config.batch_size, on_row=save_partial)
     table_rows = [{**row, "delta_ppl_text": format_delta(row["delta_ppl"])} for row in rows]
     sink.finish(payload, render(table_rows, COLUMNS, args.table_format))
     return 0

@@ -1,47 +1,53 @@
-"""Evaluate several configurations of one loaded model on the same windows."""
+"""Evaluate variants of one loaded model on the same windows: one result row per variant."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
-from massquant.backends import AppliedQuantization
+import torch
+
 from massquant.evaluation.perplexity import TokenWindows, perplexity
+from massquant.variants import Variant, apply_variant
 
 
-@dataclass
-class Configuration:
-    """A named change to the loaded model; ``apply`` makes it and says how to undo it."""
+def evaluate_variant(
+    loaded, variant: Variant, windows: TokenWindows | None, calibration: torch.Tensor | None, batch_size: int = 1
+) -> dict:
+    """Apply ``variant``, measure it, undo it. The row holds everything that describes the variant."""
+    started = time.perf_counter()
+    applied = apply_variant(loaded, variant, calibration)
+    setup_seconds = time.perf_counter() - started
+    row = {"config": variant.name, **variant.describe()}
+    try:
+        if windows is not None:
+            row.update(perplexity(applied.model, windows, batch_size, description=variant.name).as_dict())
+    finally:
+        applied.undo()
+    row.update(setup_seconds=setup_seconds, quantization=applied.summary)
+    return row
 
-    name: str
-    apply: Callable[[], AppliedQuantization] | None = None  # None: the model as loaded
-    details: dict = field(default_factory=dict)
+
+def add_deltas(rows: list[dict], baseline: dict | None) -> list[dict]:
+    """Δppl of every row against the baseline row (the unquantized, unmitigated model)."""
+    for row in rows:
+        if baseline is not None and row.get("ppl") is not None and baseline.get("ppl") is not None:
+            row["delta_ppl"] = row["ppl"] - baseline["ppl"]
+    return rows
 
 
-BASELINE = Configuration("fp", details={"spec": "fp", "backend": None})
-
-
-def evaluate_perplexity_rows(
-    model, windows: TokenWindows, configurations: list[Configuration], batch_size: int = 1, on_row=None
+def evaluate_variants(
+    loaded, variants: list[Variant], windows: TokenWindows | None, calibration: torch.Tensor | None,
+    batch_size: int = 1, on_row=None,
 ) -> list[dict]:
-    """One row per configuration; Δ refers to the first row, which should be the baseline.
-
-    ``on_row(rows)`` runs after each row so a caller can save partial results.
-    """
+    """One row per variant, in order; ``on_row(rows)`` runs after each so a caller can save partial results."""
     rows: list[dict] = []
-    for configuration in configurations:
-        started = time.perf_counter()
-        applied = configuration.apply() if configuration.apply else AppliedQuantization(model, lambda: None, {})
-        setup_seconds = time.perf_counter() - started
-        try:
-            result = perplexity(applied.model, windows, batch_size, description=configuration.name)
-        finally:
-            applied.undo()
-        row = {"config": configuration.name, **configuration.details, **result.as_dict()}
-        row.update(setup_seconds=setup_seconds, quantization=applied.summary)
-        row["delta_ppl"] = result.ppl - rows[0]["ppl"] if rows else 0.0
+    baseline = None
+    for variant in variants:
+        row = evaluate_variant(loaded, variant, windows, calibration, batch_size)
+        if variant.is_baseline and baseline is None:
+            baseline = row
         rows.append(row)
+        add_deltas(rows, baseline)
         if on_row:
             on_row(rows)
     return rows

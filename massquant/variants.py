@@ -1,0 +1,101 @@
+"""A variant = mitigation(s) + massive-activation policy + quantization spec, applied in that order.
+
+This is the one place where the three compose. ``apply_variant`` changes the
+loaded model in place (or hands back a new one, for real backends) and returns
+how to undo everything, so one loaded model serves a whole grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from massquant.backends import AppliedQuantization, get_backend
+from massquant.massive import MassivePolicy
+from massquant.mitigations import MitigationChoice, apply_post_hoc, get_mitigation, variant_label
+from massquant.quantizers.spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class Variant:
+    spec: QuantSpec | None = None  # None or identity: full precision
+    massive: MassivePolicy = field(default_factory=MassivePolicy)
+    mitigation: tuple[MitigationChoice, ...] = ()
+
+    @property
+    def spec_name(self) -> str:
+        return self.spec.name if self.spec is not None else "fp"
+
+    @property
+    def mitigation_name(self) -> str:
+        return variant_label(list(self.mitigation))
+
+    @property
+    def name(self) -> str:
+        parts = [self.spec_name]
+        if self.massive.mode != "none":
+            parts.append(f"massive={self.massive.label}")
+        if self.mitigation:
+            parts.append(f"mitigation={self.mitigation_name}")
+        return " ".join(parts)
+
+    @property
+    def is_baseline(self) -> bool:
+        return (self.spec is None or self.spec.is_identity) and self.massive.mode == "none" and not self.mitigation
+
+    @property
+    def needs_calibration(self) -> bool:
+        parts = [p for p in (self.spec.activations, self.spec.kv_cache) if p is not None] if self.spec else []
+        return (
+            any(not p.dynamic for p in parts)
+            or (self.spec is not None and self.spec.backend == "gptq")
+            or (self.massive.mode != "none" and self.massive.detection == "calibrated")
+            or self.massive.mode == "suppress-mean"
+            or any(get_mitigation(c.name).needs_calibration for c in self.mitigation)
+        )
+
+    def describe(self) -> dict:
+        """What a result row records about the variant."""
+        return {
+            "spec": self.spec_name,
+            "backend": self.spec.backend if self.spec is not None else None,
+            "massive": self.massive.mode,
+            "massive_detection": self.massive.detection if self.massive.mode != "none" else None,
+            "massive_criteria": vars(self.massive.criteria) if self.massive.mode != "none" else None,
+            "mitigation": self.mitigation_name,
+            "mitigation_params": [{"name": c.name, **c.params} for c in self.mitigation],
+        }
+
+
+def apply_variant(loaded, variant: Variant, calibration: torch.Tensor | None) -> AppliedQuantization:
+    """Mitigations first (they change weights/structure), then massive handling around quantization."""
+    undo_mitigation = apply_post_hoc(loaded, list(variant.mitigation), calibration) if variant.mitigation else (lambda: None)
+    try:
+        spec = variant.spec
+
+        def quantize() -> AppliedQuantization:
+            if spec is None or spec.is_identity:
+                return AppliedQuantization(loaded.model, lambda: None, {})
+            return get_backend(spec.backend).apply(loaded, spec, calibration)
+
+        if variant.massive.mode == "none":
+            applied = quantize()
+        else:
+            from massquant.massive.handling import handle_massive
+
+            applied = handle_massive(loaded, variant.massive, calibration, quantize)
+    except BaseException:
+        undo_mitigation()
+        raise
+
+    def undo() -> None:
+        try:
+            applied.undo()
+        finally:
+            undo_mitigation()
+
+    summary = dict(applied.summary)
+    if variant.mitigation:
+        summary["mitigation"] = variant.mitigation_name
+    return AppliedQuantization(applied.model, undo, summary)
