@@ -13,7 +13,9 @@ import torch
 
 from massquant.backends import AppliedQuantization, get_backend
 from massquant.massive import MassivePolicy
-from massquant.mitigations import MitigationChoice, apply_post_hoc, get_mitigation, variant_label
+from massquant.errors import UserError
+from massquant.mitigations import MitigationChoice, apply_post_hoc, check_applicable, get_mitigation, variant_label
+from massquant.models.architectures import architecture_of
 from massquant.quantizers.spec import QuantSpec
 
 
@@ -68,8 +70,29 @@ class Variant:
         }
 
 
+def check_variant(loaded, variant: Variant) -> None:
+    """Refuse, before any evaluation runs, what applying ``variant`` to this model would refuse later."""
+    for choice in variant.mitigation:
+        if get_mitigation(choice.name).kind != "post-hoc":
+            raise UserError(
+                f"mitigation '{choice.name}' is applied at training time: run 'massquant train' with a recipe "
+                "(see recipes/) and evaluate the checkpoint it writes"
+            )
+    check_applicable(loaded.model, list(variant.mitigation))
+    if variant.spec is not None and not variant.spec.is_identity:
+        get_backend(variant.spec.backend).check(loaded, variant.spec)
+        if variant.massive.mode == "keep" and variant.spec.backend != "fake":
+            raise UserError(
+                f"--massive keep needs the fake backend's activation quantizers; '{variant.spec.backend}' "
+                "has none (suppress-zero, suppress-mean and clip work with every backend)"
+            )
+    if (variant.spec is not None and variant.spec.kv_cache is not None) or variant.massive.mode != "none":
+        architecture_of(loaded.model)  # KV hooks and massive hooks need to know where layers live
+
+
 def apply_variant(loaded, variant: Variant, calibration: torch.Tensor | None) -> AppliedQuantization:
     """Mitigations first (they change weights/structure), then massive handling around quantization."""
+    check_variant(loaded, variant)
     undo_mitigation = apply_post_hoc(loaded, list(variant.mitigation), calibration) if variant.mitigation else (lambda: None)
     try:
         spec = variant.spec

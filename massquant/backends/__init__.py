@@ -31,18 +31,25 @@ class AppliedQuantization:
 class Backend:
     name: str
     description: str
-    module: str  # massquant.backends.<module> defines apply(loaded, spec, calibration) -> AppliedQuantization
+    module: str  # massquant.backends.<module> defines check(loaded, spec) and apply(loaded, spec, calibration)
     packages: tuple[str, ...]  # import names that must be importable
     install_hint: str
     needs_cuda: bool = False
 
-    def apply(self, loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
+    def _implementation(self):
         missing = [p for p in self.packages if importlib.util.find_spec(p) is None]
         if missing:
             raise UserError(f"backend '{self.name}' needs {', '.join(missing)}: {self.install_hint}")
         if self.needs_cuda and not torch.cuda.is_available():
             raise UserError(f"backend '{self.name}' needs a CUDA GPU; use --backend fake to simulate the same spec")
-        return importlib.import_module(f"massquant.backends.{self.module}").apply(loaded, spec, calibration)
+        return importlib.import_module(f"massquant.backends.{self.module}")
+
+    def check(self, loaded, spec) -> None:
+        """Everything this backend would refuse about ``spec`` on this model, raised before any work."""
+        self._implementation().check(loaded, spec)
+
+    def apply(self, loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
+        return self._implementation().apply(loaded, spec, calibration)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -82,11 +82,17 @@ def _four_bit_linear(linear: nn.Linear, quant_type: str, block_size: int) -> bnb
     return quantized
 
 
-def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
+def check(loaded, spec) -> tuple[str | None, int]:
+    """Refuse what bitsandbytes cannot do before any work; returns the 4-bit type and block size."""
     quant_type = _four_bit_type(spec)
     block_size = spec.weights.group_size or DEFAULT_BLOCK_SIZE
     if quant_type is not None and block_size not in BLOCK_SIZES:
         raise _unsupported(spec, f"block size {block_size}")
+    return quant_type, block_size
+
+
+def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
+    quant_type, block_size = check(loaded, spec)
     model = loaded.model
     originals = select_linears(model, spec)
     for name, linear in originals:

@@ -87,10 +87,15 @@ def _calibration_texts(tokenizer, calibration: torch.Tensor | None) -> list[str]
     return tokenizer.batch_decode(calibration.tolist(), skip_special_tokens=True)
 
 
-def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
+def check(loaded, spec) -> tuple[int, list | None]:
+    """Refuse what GPTQ cannot do before any work; returns the group size and per-block module list."""
     group_size = _group_size(spec)
     selected = _selected_linears(loaded.model, spec, group_size)
-    modules_in_block = _modules_in_block(loaded.model, selected)
+    return group_size, _modules_in_block(loaded.model, selected)
+
+
+def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
+    group_size, modules_in_block = check(loaded, spec)
     texts = _calibration_texts(loaded.tokenizer, calibration)
     config = GPTQConfig(
         bits=spec.weights.bits,

@@ -87,16 +87,18 @@ def _config(spec):
     raise _unsupported(spec, f"{weights.format} {weights.bits}-bit weights")
 
 
-def _check_group_divides(spec, selected) -> None:
+def check(loaded, spec) -> tuple[object, list]:
+    """Refuse what torchao cannot do before any work; returns its config and the selected linears."""
+    config = _config(spec)
+    selected = select_linears(loaded.model, spec)
     group = spec.weights.group_size if spec.weights.granularity == "group" else None
     check_group_divides(spec, selected, group, "pick a group size dividing them all")
+    return config, selected
 
 
 def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
-    config = _config(spec)
+    config, selected = check(loaded, spec)
     model = loaded.model
-    selected = select_linears(model, spec)
-    _check_group_divides(spec, selected)
     # quantize_ replaces the weight Parameter and patches extra_repr on the module itself.
     originals = [(linear, linear.weight, linear.__dict__.get("extra_repr")) for _, linear in selected]
     names = {name for name, _ in selected}

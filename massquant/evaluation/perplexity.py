@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from massquant.errors import UserError
+from massquant.evaluation.numerics import first_non_finite_module
 
 BOS_POLICIES = ("auto", "always", "never")
 DEFAULT_SEQ_LEN = 2048
@@ -61,6 +62,7 @@ class PerplexityResult:
     windows: int
     seconds: float
     non_finite_windows: int
+    first_non_finite: str | None = None  # module where the first non-finite window's values broke
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -153,6 +155,11 @@ def perplexity(model, windows: TokenWindows, batch_size: int = 1, description: s
     started = time.perf_counter()
     sums = window_nll(model, windows, batch_size, description)
     finite = torch.isfinite(sums)
+    first_non_finite = None
+    if not finite.all():
+        device = next(model.parameters()).device
+        broken = windows.input_ids[int((~finite).nonzero()[0])][None].to(device)
+        first_non_finite = first_non_finite_module(model, broken)
     tokens = int((windows.input_ids.shape[1] - windows.first_scored)[finite].sum())
     mean = float(sums[finite].sum() / tokens) if tokens else math.nan
     return PerplexityResult(
@@ -162,4 +169,5 @@ def perplexity(model, windows: TokenWindows, batch_size: int = 1, description: s
         windows=len(sums),
         seconds=time.perf_counter() - started,
         non_finite_windows=int((~finite).sum()),
+        first_non_finite=first_non_finite,
     )

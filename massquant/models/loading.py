@@ -153,6 +153,7 @@ def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedMo
         common["gguf_file"] = resolved.gguf_file
     device_map = None if config.device == "cpu" else ("auto" if config.device == "auto" else config.device)
     hf_logging.set_verbosity_error()  # GGUF loading prints pages of per-tensor notices
+    hf_logging.disable_progress_bar()  # a bar per load would bury the one line an error gets
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **common)
         model = AutoModelForCausalLM.from_pretrained(
@@ -173,11 +174,13 @@ def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedMo
         raise UserError(f"cannot load model '{config.model}': {hint}") from error
     finally:
         hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()
     if resolved.gguf_file:
         _clear_gguf_markers(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
+    _check_finite_weights(model, config.model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -185,6 +188,14 @@ def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedMo
         source=os.path.join(resolved.path_or_id, resolved.gguf_file) if resolved.gguf_file else resolved.path_or_id,
         fingerprint=_fingerprint(resolved, model.config),
     )
+
+
+def _check_finite_weights(model, reference: str) -> None:
+    """A NaN/inf weight makes every number downstream meaningless; say where it is before any work."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+                raise UserError(f"model '{reference}' has NaN or inf values in its weights ({name})")
 
 
 def max_sequence_length(model) -> int | None:

@@ -216,6 +216,7 @@ def spec_text_from_flags(
     ``fmt`` applies to the weights and activations; ``bits`` alone means weights
     only. Writing the flags as a spec keeps one parser and one set of checks.
     """
+    fmt = _FORMAT_ALIASES.get(fmt, fmt)
     if fmt not in ("int", *FORMATS, *BACKEND_ONLY_FORMATS):
         raise UserError(f"unknown format '{fmt}'; accepted: {', '.join([*FORMATS, *BACKEND_ONLY_FORMATS])}")
 
