@@ -10,13 +10,16 @@ machine falls on both alike. The printed table gives each figure and its goal;
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
+import re
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -30,6 +33,7 @@ from massquant.cli.common import ArgumentParser, positive_int
 from massquant.data.text import DEFAULT_TEXT, load_text, text_fingerprint
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig, build_windows, perplexity
+from massquant.massive.locate import LocateConfig, locate, run_without_logits
 from massquant.models.loading import DEFAULT_MODEL, load_model, max_sequence_length
 from massquant.quantizers.spec import parse_spec
 from massquant.reporting.results import ensure_writable_dir, environment, write_json_atomic
@@ -46,10 +50,11 @@ class Sizes:
     window: int  # figure 3: lm-eval's max_length; figure 5 reuses massquant's runs of figure 3
     document_tokens: int  # not a multiple of the window, so lm-eval's shorter last window is compared too
     matmul_size: int  # figure 5: side of the square fp32 matmul timed as the machine's peak
+    memory_tokens: int  # figure 4b: one sequence, batch 1
 
 
-FULL = Sizes(repeats=5, forward_tokens=512, window=512, document_tokens=1792, matmul_size=2048)
-QUICK = Sizes(repeats=2, forward_tokens=128, window=128, document_tokens=320, matmul_size=1024)
+FULL = Sizes(repeats=5, forward_tokens=512, window=512, document_tokens=1792, matmul_size=2048, memory_tokens=2048)
+QUICK = Sizes(repeats=2, forward_tokens=128, window=128, document_tokens=320, matmul_size=1024, memory_tokens=256)
 
 
 @dataclass
@@ -376,6 +381,117 @@ def harness_figures(rounds: dict) -> list[Figure]:
     return [throughput, agreement]
 
 
+# ---- figure 4: cost of locating massive activations
+
+
+def locate_time_figure(model, input_ids: Tensor, repeats: int) -> Figure:
+    """locate against the forward pass it hooks: the same call (logits of the last token only), one sequence."""
+
+    def forward() -> tuple[float, None]:
+        with torch.inference_mode():
+            return seconds_of(lambda: run_without_logits(model, input_ids))
+
+    def full_forward() -> tuple[float, None]:
+        with torch.inference_mode():
+            return seconds_of(lambda: model(input_ids=input_ids, use_cache=False))
+
+    def locate_run(config: LocateConfig) -> Callable[[], tuple[float, object]]:
+        return lambda: seconds_of(lambda: locate(model, input_ids, config, progress=False))
+
+    timings, _ = alternating_timings(
+        {
+            "forward": forward, "full_forward": full_forward,
+            "locate": locate_run(LocateConfig()), "locate_entropy": locate_run(LocateConfig(entropy=True)),
+        },
+        repeats, "forward / all logits / locate / locate with entropy",
+    )
+    with_entropy = median_ratio(timings["locate_entropy"], timings["forward"])
+    return Figure(
+        "4a", "locate / the forward pass it hooks", "x", 1.1, "<=",
+        value=median_ratio(timings["locate"], timings["forward"]),
+        note=f"fastest runs: {fastest_ratio(timings['locate'], timings['forward']):.3f}; with entropy (massquant "
+        f"locate): {with_entropy:.3f}; / forward with all logits: {median_ratio(timings['locate'], timings['full_forward']):.3f}",
+        details={
+            "tokens": input_ids.shape[1],
+            "batch": 1,
+            "statistic": "median over rounds of (locate seconds / forward seconds of the same round)",
+            "method": "locate(model, ids, LocateConfig()) (massive sites, top-k, median, kurtosis, token norms, "
+            "down-projection inputs, super weights) against run_without_logits(model, ids), the same forward call "
+            "(logits_to_keep=1) without hooks; in the same rounds: a forward with all logits, and locate with "
+            "entropy=True as the massquant locate command runs it",
+            "locate_seconds": timings["locate"],
+            "locate_with_entropy_seconds": timings["locate_entropy"],
+            "forward_seconds": timings["forward"],
+            "full_forward_seconds": timings["full_forward"],
+            "ratio_with_entropy": with_entropy,
+            "ratio_to_full_forward": median_ratio(timings["locate"], timings["full_forward"]),
+            "ratio_of_fastest_runs": fastest_ratio(timings["locate"], timings["forward"]),
+        },
+    )
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _status_bytes(key: str) -> int:
+    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024
+
+
+def extra_peak_bytes(run: Callable[[], object]) -> int:
+    """Resident memory a call adds at its peak: VmHWM after it, reset to the resident size before it."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = _status_bytes("VmRSS")
+    run()
+    return _status_bytes("VmHWM") - before
+
+
+def locate_memory_figure(model, input_ids: Tensor) -> Figure:
+    """Extra peak memory of locate and of output_hidden_states=True, each over the same forward without them.
+
+    Peak resident memory, with glibc told to serve every allocation above 64 KiB
+    by its own mapping: freed tensors then leave the process at once, and the
+    high-water mark counts live tensors rather than the allocator's cache. That
+    setting stays for the rest of the process, so this figure is measured last.
+    """
+    figure = Figure("4b", f"locate extra peak memory / output_hidden_states extra, {input_ids.shape[1]} tokens", "x", 0.05, "<=")
+    try:
+        if ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 16) != 1:
+            raise OSError("mallopt refused M_MMAP_THRESHOLD")
+        extra_peak_bytes(lambda: None)
+    except (OSError, AttributeError) as error:
+        figure.unavailable = f"needs Linux /proc and glibc malloc: {error}"
+        return figure
+
+    def forward() -> None:
+        with torch.inference_mode():
+            run_without_logits(model, input_ids)
+
+    def hidden_states() -> None:
+        with torch.inference_mode():
+            model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+
+    runs = {"forward": forward, "hidden_states": hidden_states, "locate": lambda: locate(model, input_ids, progress=False)}
+    runs["locate"]()  # warm-up: first-call allocations (caches, lazy imports) are not locate's
+    # Two rounds in opposite orders; each call's smaller peak, so what ran before weighs on none of them.
+    peaks: dict[str, list[int]] = {name: [] for name in runs}
+    for order in tqdm((list(runs), list(runs)[::-1]), desc="peak memory", unit="round"):
+        for name in order:
+            peaks[name].append(extra_peak_bytes(runs[name]))
+    extra = {name: min(values) for name, values in peaks.items()}
+    hidden_extra = extra["hidden_states"] - extra["forward"]
+    figure.value = (extra["locate"] - extra["forward"]) / hidden_extra
+    figure.note = f"locate adds {(extra['locate'] - extra['forward']) / 2**20:+.1f} MiB, hidden states {hidden_extra / 2**20:+.1f} MiB"
+    figure.details = {
+        "tokens": input_ids.shape[1],
+        "batch": 1,
+        "peak_bytes_over_start": peaks,
+        "formula": "(peak(locate) - peak(forward)) / (peak(forward with output_hidden_states=True) - peak(forward)); "
+        "peak = VmHWM - VmRSS before the call, the smaller of two rounds, all three with logits_to_keep=1",
+    }
+    return figure
+
+
 # ---- figure 5: share of the machine's matmul peak during a perplexity evaluation
 
 
@@ -493,6 +609,9 @@ def run_benchmark(sizes: Sizes) -> tuple[dict, list[Figure]]:
     figures += harness_figures(rounds)
     figures.append(gemm_figure(loaded.model, rounds, sizes.matmul_size))
     figures += memory_figures(loaded, input_ids[:, :16])
+    figures.append(locate_time_figure(loaded.model, input_ids, sizes.repeats))
+    figures.append(locate_memory_figure(loaded.model, leading_tokens(loaded.tokenizer, text, sizes.memory_tokens)))  # last: see there
+    figures.sort(key=lambda figure: figure.key)
     payload = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"reference": DEFAULT_MODEL, "source": loaded.source, "fingerprint": loaded.fingerprint},
@@ -511,7 +630,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m massquant.bench",
         description="Benchmark massquant on the embedded model: fake-quantization overhead, perplexity speed and "
-        "agreement with lm-eval, GEMM efficiency and real-quantization memory, each against its goal.",
+        "agreement with lm-eval, the cost of locating massive activations, GEMM efficiency and real-quantization "
+        "memory, each against its goal.",
     )
     parser.add_argument("--out", default="bench-results", metavar="DIR", help="write DIR/bench.json (default: bench-results)")
     parser.add_argument("--repeats", type=positive_int, help=f"timed repeats per measurement (default: {FULL.repeats}, --quick: {QUICK.repeats})")

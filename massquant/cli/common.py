@@ -8,16 +8,16 @@ import sys
 
 import torch
 
-from massquant.backends import BACKENDS, get_backend
+from massquant.backends import BACKENDS
 from massquant.massive import DETECTION_MODES, MASSIVE_POLICIES, MassiveCriteria, MassivePolicy
-from massquant.mitigations import parse_mitigations
+from massquant.recipes import grid
 from massquant.variants import Variant
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT
 from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES, PerplexityConfig
 from massquant.quantizers.formats import FORMATS
-from massquant.quantizers.spec import ACTIVATION_GRANULARITIES, KV_GRANULARITIES, QuantSpec, parse_spec, spec_text_from_flags
+from massquant.quantizers.spec import ACTIVATION_GRANULARITIES, KV_GRANULARITIES, QuantSpec, spec_text_from_flags
 from massquant.models.loading import ATTENTION_IMPLEMENTATIONS, DEFAULT_MODEL, DEVICES, DTYPES, MODEL_ALIASES, ModelConfig
 from massquant.reporting.results import ensure_writable_dir, to_json, write_json_atomic
 from massquant.reporting.tables import TABLE_FORMATS
@@ -160,11 +160,7 @@ def quant_specs(args) -> list[QuantSpec]:
     )
     if from_flags:
         texts.append(from_flags)
-    backends = args.backend or ["fake"]
-    for backend in backends:
-        get_backend(backend)
-    specs = [parse_spec(text, backend=backend, **settings) for text in texts for backend in backends]
-    return [spec for spec in specs if not spec.is_identity]
+    return grid.parse_specs(texts, args.backend or ["fake"], **settings)
 
 
 def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,21 +181,13 @@ def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
 
 def massive_policies(args) -> list[MassivePolicy]:
     criteria = MassiveCriteria(args.massive_threshold, args.massive_ratio)
-    modes = [mode.strip() for option in args.massive for mode in option.split(",") if mode.strip()] or ["none"]
-    return [MassivePolicy(mode, args.massive_detection, criteria).validate() for mode in dict.fromkeys(modes)]
+    modes = [mode.strip() for option in args.massive for mode in option.split(",") if mode.strip()]
+    return grid.massive_policies(modes, args.massive_detection, criteria)
 
 
 def variants(args, specs: list[QuantSpec]) -> list[Variant]:
-    """The baseline first, then every mitigation x massive policy x spec (mitigated rows unquantized too)."""
-    mitigations = [tuple(v) for text in args.mitigation for v in parse_mitigations(text)] or [()]
-    policies = massive_policies(args)
-    grid = [Variant()]
-    for mitigation in dict.fromkeys(mitigations):
-        if mitigation:
-            grid.append(Variant(mitigation=mitigation))
-        for policy in policies:
-            grid.extend(Variant(spec, policy, mitigation) for spec in specs)
-    return list(dict.fromkeys(grid))
+    """The baseline first, then every mitigation x massive policy x spec (the grid recipes expand too)."""
+    return grid.variant_grid(specs, massive_policies(args), grid.mitigation_variants(args.mitigation))
 
 
 def needs_calibration(variants_to_run: list[Variant]) -> bool:

@@ -1,24 +1,47 @@
-"""massquant eval: perplexity of the full-precision baseline and each quantized configuration."""
+"""massquant eval: perplexity (and lm-eval task scores) of the full-precision baseline and each quantized configuration."""
 
 from __future__ import annotations
 
 from massquant.cli import common
+from massquant.errors import UserError
 from massquant.data.calibration import calibration_batch
 from massquant.data.text import load_text, text_fingerprint
 from massquant.evaluation.perplexity import build_windows
 from massquant.evaluation.runner import evaluate_variants
+from massquant.evaluation.tasks import TaskSettings, TaskSuite
+from massquant.variants import check_variant
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.reporting.results import environment
 from massquant.reporting.tables import format_delta, render
 
 NAME = "eval"
-HELP = "perplexity of the full-precision baseline and each quantized configuration"
+HELP = "perplexity and lm-eval task scores of the full-precision baseline and each quantized configuration"
 COLUMNS = {
     "config": "config",
     "ppl": "perplexity",
     "delta_ppl_text": "Δppl",
     "tokens": "tokens",
     "seconds": "seconds",
+    "notes": "notes",
+}
+
+
+def row_notes(row: dict) -> str:
+    """What a reader must know to trust the number: broken windows and where they broke."""
+    if not row.get("non_finite_windows"):
+        return ""
+    return f"{row['non_finite_windows']}/{row['windows']} windows non-finite, first in {row['first_non_finite']}"
+
+
+TASK_COLUMNS = {
+    "config": "config",
+    "task": "task",
+    "metric": "metric",
+    "value": "value",
+    "stderr": "± stderr",
+    "delta_text": "Δ",
+    "interval_text": "CI of Δ",
+    "significant_text": "sig.",
 }
 
 
@@ -27,7 +50,52 @@ def add_arguments(parser) -> None:
     common.add_data_arguments(parser)
     common.add_quantization_arguments(parser)
     common.add_variant_arguments(parser)
+    add_task_arguments(parser)
     common.add_output_arguments(parser)
+
+
+def add_task_arguments(parser) -> None:
+    group = parser.add_argument_group(
+        "downstream tasks (lm-eval)",
+        "Each configuration is also scored on lm-eval tasks, in this process, with the model loaded once. "
+        "Offline: massquant_arc_easy, massquant_arc_challenge, massquant_hellaswag, massquant_piqa, "
+        "massquant_winogrande, massquant_boolq, massquant_openbookqa, massquant_sciq, massquant_lambada_openai, "
+        "massquant_mmlu, or the group massquant_core; lm-eval's own names (hellaswag, ...) need the hub.",
+    )
+    group.add_argument("--tasks", action="append", default=[], metavar="TASK[,TASK]", help="lm-eval tasks or groups; repeat or comma-separate")
+    group.add_argument("--limit", type=float, help="questions per task: a count, or a fraction below 1 (lm-eval's --limit; default: all)")
+    group.add_argument("--num-fewshot", type=int, help="few-shot examples per question (default: each task's own, mostly 0)")
+    group.add_argument("--task-batch-size", type=common.positive_int, default=1, help="lm-eval requests per forward pass (default: 1)")
+    group.add_argument("--bootstrap", type=common.positive_int, default=1000, metavar="N", help="paired bootstrap resamples per task Δ (default: 1000)")
+    group.add_argument("--no-ppl", action="store_true", help="skip perplexity and score only the tasks (as does --data none)")
+
+
+def task_suite(args) -> TaskSuite | None:
+    """The tasks to score, checked (names included) before the model loads; None without --tasks."""
+    names = tuple(dict.fromkeys(name.strip() for option in args.tasks for name in option.split(",") if name.strip()))
+    if not names:
+        if args.no_ppl or args.data == "none":
+            raise UserError("without perplexity (--no-ppl or --data none) there is nothing to measure; add --tasks")
+        return None
+    settings = TaskSettings(names, args.limit, args.num_fewshot, args.task_batch_size, args.bos, args.bootstrap, seed=args.seed)
+    return TaskSuite(settings)
+
+
+def task_table_rows(rows: list[dict]) -> list[dict]:
+    """One line per configuration x task x metric, with lm-eval's stderr and the paired-bootstrap Δ interval."""
+    lines = []
+    for row in rows:
+        for name, entry in row.get("tasks", {}).items():
+            for metric, score in entry["metrics"].items():
+                interval = ""
+                if score.get("ci_low") is not None:
+                    interval = f"[{format_delta(score['ci_low'])}, {format_delta(score['ci_high'])}]"
+                lines.append({
+                    "config": row["config"], "task": name, "metric": metric, "value": score["value"],
+                    "stderr": score["stderr"], "delta_text": format_delta(score.get("delta")), "interval_text": interval,
+                    "significant_text": {True: "*", False: "", None: ""}[score.get("significant")],
+                })
+    return lines
 
 
 def run(args) -> int:
@@ -38,15 +106,21 @@ def run(args) -> int:
     model_config.validate()
     specs = common.quant_specs(args)
     grid = common.variants(args, specs)
+    tasks = task_suite(args)
+    with_ppl = not args.no_ppl and ppl_config.data != "none"
     common.seed_everything(args.seed)
-    text = load_text(ppl_config.data)
+    text = load_text(ppl_config.data) if with_ppl else None
+    if common.needs_calibration(grid):
+        load_text(args.calib_data)  # a missing calibration text fails now, not after the baseline
     loaded = load_model(model_config)
-    windows = build_windows(loaded.tokenizer, text, ppl_config, max_sequence_length(loaded.model))
+    for variant in grid:
+        check_variant(loaded, variant)
+    windows = build_windows(loaded.tokenizer, text, ppl_config, max_sequence_length(loaded.model)) if with_ppl else None
     calibration = None
     if common.needs_calibration(grid):
         calibration = calibration_batch(
             loaded.tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed,
-            bos=windows.bos_token_id is not None,
+            bos=windows.bos_token_id is not None if windows else args.bos != "never",
         )
     payload = {
         "command": "eval",
@@ -57,7 +131,8 @@ def run(args) -> int:
             "bos_token_id": windows.bos_token_id,
             "text_fingerprint": text_fingerprint(text),
             "text_tokens": windows.text_tokens,
-        },
+        } if windows else None,
+        "tasks": tasks.settings.as_dict() if tasks else None,
         "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_len": args.calib_seq_len} if calibration is not None else None,
         "seed": args.seed,
         "environment": environment(),
@@ -68,7 +143,15 @@ def run(args) -> int:
         payload["rows"] = rows
         sink.save(payload)
 
-    rows = evaluate_variants(loaded, grid, windows, calibration, ppl_config.batch_size, on_row=save_partial)
-    table_rows = [{**row, "delta_ppl_text": format_delta(row["delta_ppl"])} for row in rows]
-    sink.finish(payload, render(table_rows, COLUMNS, args.table_format))
+    rows = evaluate_variants(loaded, grid, windows, calibration, ppl_config.batch_size, on_row=save_partial, tasks=tasks)
+    tables = []
+    if windows:
+        table_rows = [{**row, "delta_ppl_text": format_delta(row.get("delta_ppl")), "notes": row_notes(row)} for row in rows]
+        tables.append(render(table_rows, COLUMNS, args.table_format))
+    if tasks:
+        columns = {**TASK_COLUMNS, "interval_text": f"{tasks.settings.confidence:.0%} paired CI of Δ"}
+        tables.append(render(task_table_rows(rows), columns, args.table_format))
+    sink.finish(payload, "\n\n".join(tables))
+    if rows and rows[0].get("non_finite_windows"):
+        raise UserError(f"the unquantized model itself produced non-finite values ({row_notes(rows[0])}); check --dtype and the weights")
     return 0

@@ -5,9 +5,15 @@ from __future__ import annotations
 import sys
 
 from massquant.cli import common, errors as errors_command, eval as eval_command
+from massquant.cli import compare as compare_command, run as run_command
+from massquant.cli import lm_eval as lm_eval_command
+from massquant.cli import mitigations as mitigations_command
+from massquant.cli import train as train_command
+from massquant.cli import intervene as intervene_command
+from massquant.cli import locate as locate_command
 from massquant.errors import UserError
 
-COMMANDS = [eval_command, errors_command]
+COMMANDS = [eval_command, errors_command, run_command, compare_command, lm_eval_command, mitigations_command, train_command, intervene_command, locate_command]
 
 
 def build_parser() -> common.ArgumentParser:
@@ -17,7 +23,7 @@ def build_parser() -> common.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=common.ArgumentParser)
     for command in COMMANDS:
-        sub = subparsers.add_parser(command.NAME, help=command.HELP, description=command.HELP)
+        sub = subparsers.add_parser(command.NAME, help=command.HELP, description=command.HELP, **getattr(command, "PARSER_OPTIONS", {}))
         command.add_arguments(sub)
         sub.set_defaults(run=command.run)
     return parser

@@ -7,13 +7,15 @@ import time
 import torch
 
 from massquant.evaluation.perplexity import TokenWindows, perplexity
+from massquant.evaluation.tasks import TaskSuite, task_deltas
 from massquant.variants import Variant, apply_variant
 
 
 def evaluate_variant(
-    loaded, variant: Variant, windows: TokenWindows | None, calibration: torch.Tensor | None, batch_size: int = 1
+    loaded, variant: Variant, windows: TokenWindows | None, calibration: torch.Tensor | None, batch_size: int = 1,
+    tasks: TaskSuite | None = None,
 ) -> dict:
-    """Apply ``variant``, measure it, undo it. The row holds everything that describes the variant."""
+    """Apply ``variant``, measure it (perplexity, lm-eval tasks), undo it. The row holds everything that describes the variant."""
     started = time.perf_counter()
     applied = apply_variant(loaded, variant, calibration)
     setup_seconds = time.perf_counter() - started
@@ -21,33 +23,44 @@ def evaluate_variant(
     try:
         if windows is not None:
             row.update(perplexity(applied.model, windows, batch_size, description=variant.name).as_dict())
+        if tasks is not None:
+            row["tasks"] = tasks.run(applied.model, loaded.tokenizer)
     finally:
         applied.undo()
     row.update(setup_seconds=setup_seconds, quantization=applied.summary)
     return row
 
 
-def add_deltas(rows: list[dict], baseline: dict | None) -> list[dict]:
-    """Δppl of every row against the baseline row (the unquantized, unmitigated model)."""
+def add_deltas(rows: list[dict], baseline: dict | None, tasks: TaskSuite | None = None) -> list[dict]:
+    """Δppl of every row against the baseline row (the unquantized, unmitigated model), and each task metric's
+    Δ with its paired-bootstrap interval (computed once per row)."""
     for row in rows:
         if baseline is not None and row.get("ppl") is not None and baseline.get("ppl") is not None:
             row["delta_ppl"] = row["ppl"] - baseline["ppl"]
+        if tasks is not None and baseline is not None and row is not baseline and not _has_task_deltas(row):
+            for name, metrics in task_deltas(row["tasks"], baseline["tasks"], tasks.settings).items():
+                for metric, record in metrics.items():
+                    row["tasks"][name]["metrics"][metric].update(record)
     return rows
+
+
+def _has_task_deltas(row: dict) -> bool:
+    return any("delta" in score for entry in row["tasks"].values() for score in entry["metrics"].values())
 
 
 def evaluate_variants(
     loaded, variants: list[Variant], windows: TokenWindows | None, calibration: torch.Tensor | None,
-    batch_size: int = 1, on_row=None,
+    batch_size: int = 1, on_row=None, tasks: TaskSuite | None = None,
 ) -> list[dict]:
     """One row per variant, in order; ``on_row(rows)`` runs after each so a caller can save partial results."""
     rows: list[dict] = []
     baseline = None
     for variant in variants:
-        row = evaluate_variant(loaded, variant, windows, calibration, batch_size)
+        row = evaluate_variant(loaded, variant, windows, calibration, batch_size, tasks)
         if variant.is_baseline and baseline is None:
             baseline = row
         rows.append(row)
-        add_deltas(rows, baseline)
+        add_deltas(rows, baseline, tasks)
         if on_row:
             on_row(rows)
     return rows

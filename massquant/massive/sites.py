@@ -28,6 +28,8 @@ class SuperWeight:
     value: float
     input_value: float  # the down-projection input spike that multiplies it
     output_value: float  # the resulting spike at the down-projection output
+    position: int | None = None  # token position of the spike
+    contribution: float | None = None  # value * input_value / output_value: the spike's share this one weight makes
 
 
 @dataclass

@@ -8,7 +8,12 @@ its name to ``_MODULES``.
   training; ``calibration`` is [samples, seq_len] token ids or None);
 - training-time modules define ``surgery(model, params) -> None`` (adds the
   new modules, persistently) and optionally ``on_step(model, params, step)``
-  called by ``massquant train`` after each optimizer step.
+  called by ``massquant train`` after each optimizer step. A training-time
+  entry with ``needs_calibration`` gets ``surgery(..., calibration=ids or None)``
+  to fit its starting point (None when a checkpoint is rebuilt: its weights
+  load next). Whatever ``surgery``/``on_step`` return (a dict or None) is
+  recorded in the run's results. A post-hoc module may also define
+  ``surgery`` (kvbias): it is then trainable too.
 
 Selection syntax (``--mitigation``, ``mitigation=`` in model_args, recipes)::
 
@@ -61,11 +66,12 @@ class MitigationChoice:
     @property
     def label(self) -> str:
         defaults = registry()[self.name].parameters
-        changed = [f"{k}={_text(v)}" for k, v in self.params.items() if defaults.get(k) != v]
+        changed = [f"{k}={format_value(v)}" for k, v in self.params.items() if defaults.get(k) != v]
         return self.name + (":" + ",".join(changed) if changed else "")
 
 
-def _text(value) -> str:
+def format_value(value) -> str:
+    """A parameter value as the key=value syntax writes it."""
     return ":".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -99,7 +105,7 @@ def parse_mitigations(text: str) -> list[list[MitigationChoice]]:
     for match in _TOKEN.finditer(text.replace(" ", "")):
         piece, next_separator = match.groups()
         name, colon, option = piece.partition(":")
-        if "=" in name and not colon:  # continues the previous choice's parameters
+        if "=" in name:  # continues the previous choice's parameters (a value may hold ":")
             if not variants or not variants[-1]:
                 raise UserError(f"mitigation '{text}': '{piece}' has no mitigation name before it")
             variants[-1][-1][1].append(piece)
@@ -140,11 +146,10 @@ def check_applicable(model, variant: list[MitigationChoice]) -> None:
 def apply_post_hoc(loaded, variant: list[MitigationChoice], calibration: torch.Tensor | None) -> Callable[[], None]:
     """Apply every choice of ``variant`` in order; returns one undo for all of them.
 
-    Training-time mitigations are not applied here: they change the model only
-    together with fine-tuning (``massquant train``), and a checkpoint trained
-    with them already carries them.
+    ``massquant.variants.check_variant`` has refused training-time entries:
+    they change the model only together with fine-tuning (``massquant train``),
+    and a checkpoint trained with them already carries them.
     """
-    check_applicable(loaded.model, variant)
     undos: list[Callable[[], None]] = []
 
     def undo() -> None:
@@ -154,11 +159,6 @@ def apply_post_hoc(loaded, variant: list[MitigationChoice], calibration: torch.T
     try:
         for choice in variant:
             entry = get_mitigation(choice.name)
-            if entry.kind != "post-hoc":
-                raise UserError(
-                    f"mitigation '{entry.name}' is applied at training time: run 'massquant train' with a recipe "
-                    f"(see recipes/) and evaluate the checkpoint it writes"
-                )
             if entry.needs_calibration and calibration is None:
                 raise UserError(f"mitigation '{entry.name}' needs calibration sequences")
             undos.append(entry.implementation().apply(loaded, choice.params, calibration))

@@ -2,12 +2,16 @@
 
 To support a new architecture, add one ``Architecture`` entry below, keyed by
 ``config.model_type``. Paths are dotted attribute names, relative to the model
-(``layers``, ``final_norm``) or to one decoder layer (the others).
+(``layers``, ``final_norm``) or to one decoder layer (the others). Where one
+model type comes in several layouts (Falcon's norms), a layer path lists the
+alternatives, ``"ln_mlp|input_layernorm"``; ``architecture_of`` resolves them
+to the one the model at hand has. Every entry is checked against a tiny random
+model of its config class in ``tests/test_architectures.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -29,13 +33,16 @@ class Architecture:
     value: str | None = None
     out_proj: str | None = None
     up_proj: tuple[str, ...] = ()  # linears reading the post-attention norm's output
+    # the gated MLP's branch that is multiplied by the activated gate, not activated itself:
+    # scaling its output channels scales down_proj's input channels exactly (SmoothQuant folds there)
+    linear_up_proj: str | None = None
 
 
 _LLAMA_LIKE = Architecture(
     layers="model.layers", attention="self_attn", mlp="mlp", down_proj="mlp.down_proj",
     input_norm="input_layernorm", post_attention_norm="post_attention_layernorm", final_norm="model.norm",
     norm_kind="rmsnorm", query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
-    out_proj="self_attn.o_proj", up_proj=("mlp.gate_proj", "mlp.up_proj"),
+    out_proj="self_attn.o_proj", up_proj=("mlp.gate_proj", "mlp.up_proj"), linear_up_proj="mlp.up_proj",
 )
 _GEMMA2_LIKE = Architecture(  # extra norms after attention and MLP; the MLP reads pre_feedforward_layernorm
     **{**vars(_LLAMA_LIKE), "post_attention_norm": "pre_feedforward_layernorm"}
@@ -77,12 +84,20 @@ ARCHITECTURES: dict[str, Architecture] = {
         final_norm="model.decoder.final_layer_norm", norm_kind="layernorm", query="self_attn.q_proj",
         key="self_attn.k_proj", value="self_attn.v_proj", out_proj="self_attn.out_proj", up_proj=("fc1",),
     ),
+    # Falcon-7B: one LayerNorm for parallel attention and MLP; Falcon-40B/180B (new decoder
+    # architecture): ln_attn and ln_mlp; Falcon-RW (sequential): input and post-attention LayerNorms.
     "falcon": Architecture(
         layers="transformer.h", attention="self_attention", mlp="mlp", down_proj="mlp.dense_4h_to_h",
-        input_norm="input_layernorm", post_attention_norm="input_layernorm", final_norm="transformer.ln_f",
-        norm_kind="layernorm", out_proj="self_attention.dense", up_proj=("mlp.dense_h_to_4h",),
+        input_norm="ln_attn|input_layernorm", post_attention_norm="ln_mlp|post_attention_layernorm|input_layernorm",
+        final_norm="transformer.ln_f", norm_kind="layernorm", out_proj="self_attention.dense",
+        up_proj=("mlp.dense_h_to_4h",),
     ),
+    # Gemma 3 with its vision tower (Gemma3ForConditionalGeneration, what AutoModelForCausalLM
+    # builds for model_type "gemma3"); its text part is a gemma3_text decoder.
+    "gemma3": replace(_GEMMA2_LIKE, layers="model.language_model.layers", final_norm="model.language_model.norm"),
 }
+
+_LAYER_PATH_FIELDS = tuple(f.name for f in fields(Architecture) if f.name not in ("layers", "final_norm", "norm_kind"))
 
 
 def architecture_of(model: torch.nn.Module) -> Architecture:
@@ -92,7 +107,30 @@ def architecture_of(model: torch.nn.Module) -> Architecture:
             f"architecture '{model_type}' is not supported; supported: {', '.join(ARCHITECTURES)} "
             "(add it to massquant/models/architectures.py)"
         )
-    return ARCHITECTURES[model_type]
+    return _resolve_alternatives(ARCHITECTURES[model_type], model)
+
+
+def _first_present(layer: torch.nn.Module, alternatives: str) -> str:
+    names = alternatives.split("|")
+    for name in names:
+        try:
+            get_path(layer, name)
+        except AttributeError:
+            continue
+        return name
+    raise UserError(f"decoder layer {type(layer).__name__} has none of {', '.join(names)} (massquant/models/architectures.py)")
+
+
+def _resolve_alternatives(entry: Architecture, model: torch.nn.Module) -> Architecture:
+    """``entry`` with every ``a|b`` layer path replaced by the alternative this model's layers have."""
+    listed = {
+        name: value for name in _LAYER_PATH_FIELDS
+        if isinstance(value := getattr(entry, name), str) and "|" in value
+    }
+    if not listed:
+        return entry
+    layer = get_path(model, entry.layers)[0]
+    return replace(entry, **{name: _first_present(layer, value) for name, value in listed.items()})
 
 
 def get_path(root: torch.nn.Module, dotted: str) -> torch.nn.Module:

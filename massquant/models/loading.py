@@ -156,7 +156,12 @@ def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedMo
     hf_logging.disable_progress_bar()  # a bar per load would bury the one line an error gets
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **common)
-        model = AutoModelForCausalLM.from_pretrained(
+        model_class = AutoModelForCausalLM
+        if resolved.kind == "directory":  # a `massquant train` checkpoint rebuilds its mitigations' modules first
+            from massquant.training.checkpoint import recorded_model_class
+
+            model_class = recorded_model_class(resolved.path_or_id) or AutoModelForCausalLM
+        model = model_class.from_pretrained(
             resolved.path_or_id,
             dtype=DTYPES[config.dtype],
             device_map=device_map,

@@ -216,6 +216,7 @@ def fake_quantize(
     clip_ratio: float | Tensor = 1.0,
     amax: Tensor | None = None,
     amin: Tensor | None = None,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """``dequantize(quantize(x))`` in format ``fmt``, same shape and dtype as ``x``.
 
@@ -226,18 +227,52 @@ def fake_quantize(
     ``clip_ratio`` (scalar or per block) shrinks amax/amin before the scale is
     derived; values outside the clipped range saturate. ``amax``/``amin`` (scalar
     or per block, see ``compute_amax``) replace the statistics of ``x``.
+    ``keep`` (boolean, shaped like ``x``) marks values that bypass quantization:
+    they take no part in any scale and come back unchanged.
     """
     spec = validate(fmt, bits)
     bits = spec.default_bits if bits is None else bits
     _check_symmetry(spec, symmetric)
     if x.numel() == 0:  # e.g. an MoE expert that received no tokens
         return x.clone()
+    if keep is not None:
+        # Zeros in place of the kept values never widen a range: a symmetric amax is a max of |x|,
+        # and an asymmetric range always contains 0.
+        others = fake_quantize(x.masked_fill(keep, 0), fmt, bits, granularity, group_size, symmetric, clip_ratio, amax, amin)
+        return torch.where(keep, x, others)
     padded = _pad_ragged_groups(x, spec, granularity, group_size)
     blocks = _as_blocks(padded, spec, granularity, group_size)
     block_amax, block_amin = _ranges(blocks, symmetric, amax, amin)
     ratio = _per_block(clip_ratio, blocks, "clip_ratio")
     dequantized = _quantize_blocks(blocks, spec, bits, symmetric, block_amax * ratio, block_amin * ratio)
     return dequantized.reshape(padded.shape)[..., : x.shape[-1]].to(x.dtype)
+
+
+def outlier_threshold(x: Tensor, abs_threshold: float, median_ratio: float) -> float:
+    """The magnitude an outlier of ``x`` must exceed: ``max(abs_threshold, median_ratio x median |x|)``."""
+    return max(abs_threshold, median_ratio * float(x.detach().abs().float().median()))
+
+
+def outlier_mask(
+    x: Tensor, abs_threshold: float, median_ratio: float, channels: Sequence[int] | None = None
+) -> Tensor | None:
+    """Where |x| > ``abs_threshold`` and > ``median_ratio`` x the median |x| of the whole tensor.
+
+    Only ``channels`` (indices of the last dimension; None: all) are inspected.
+    Returns None when no value qualifies, so callers can skip masked work.
+    """
+    inspected = (x if channels is None else x[..., list(channels)]).detach().abs()
+    # The median is the costly part; it matters only when some value passes the absolute threshold.
+    if inspected.numel() == 0 or not bool(inspected.amax() > abs_threshold):
+        return None
+    found = inspected > outlier_threshold(x, abs_threshold, median_ratio)
+    if not bool(found.any()):
+        return None
+    if channels is None:
+        return found
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[..., list(channels)] = found
+    return mask
 
 
 def search_clip_ratio(

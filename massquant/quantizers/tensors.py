@@ -5,10 +5,12 @@ Pure functions: they translate a TensorQuantSpec into calls of ``fake_quantize``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from massquant.quantizers.functional import compute_amax, compute_amin, fake_quantize, search_clip_ratio
+from massquant.quantizers.functional import compute_amax, compute_amin, fake_quantize, outlier_mask, search_clip_ratio
 from massquant.quantizers.spec import TensorQuantSpec
 
 _WEIGHT_GRANULARITY = {"tensor": "tensor", "channel": "row", "group": "group"}
@@ -23,11 +25,34 @@ def quantize_weight(weight: Tensor, part: TensorQuantSpec) -> Tensor:
     return fake_quantize(weight, clip_ratio=clip_ratio, **arguments)
 
 
-def quantize_activation(x: Tensor, part: TensorQuantSpec, amax: Tensor | None = None, amin: Tensor | None = None) -> Tensor:
-    """``[..., features]`` per tensor or per token; ``amax``/``amin`` are calibrated ranges (static)."""
+@dataclass(frozen=True)
+class KeepRule:
+    """Which activation values bypass quantization (``--massive keep``).
+
+    A value is kept when |x| > ``abs_threshold`` and > ``median_ratio`` x the
+    median |x| of its tensor; only ``channels`` (None: every channel) are inspected.
+    """
+
+    abs_threshold: float
+    median_ratio: float
+    channels: tuple[int, ...] | None = None
+
+
+def keep_mask(x: Tensor, rule: KeepRule) -> Tensor | None:
+    """The values of ``x`` that ``rule`` keeps in high precision; None when there are none."""
+    return outlier_mask(x, rule.abs_threshold, rule.median_ratio, rule.channels)
+
+
+def quantize_activation(
+    x: Tensor, part: TensorQuantSpec, amax: Tensor | None = None, amin: Tensor | None = None, keep: Tensor | None = None
+) -> Tensor:
+    """``[..., features]`` per tensor or per token; ``amax``/``amin`` are calibrated ranges (static).
+
+    ``keep`` (boolean, shaped like ``x``) marks values passed through unquantized and left out of every scale.
+    """
     return fake_quantize(
         x, part.format, part.bits, _ACTIVATION_GRANULARITY[part.granularity],
-        symmetric=part.symmetric, amax=amax, amin=amin,
+        symmetric=part.symmetric, amax=amax, amin=amin, keep=keep,
     )
 
 

@@ -1,12 +1,22 @@
-"""Tables printed with tabulate, from plain row dicts."""
+"""Tables from plain row dicts: tabulate for the terminal, Markdown and LaTeX; csv for spreadsheets.
+
+``pivot`` turns long rows (one per measurement) into a grid: rows keyed by some
+fields, one column per value of another field (e.g. mitigation x spec).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 
 from tabulate import tabulate
 
-TABLE_FORMATS = ("github", "simple", "latex", "tsv", "plain")
+from massquant.errors import UserError
+
+# tabulate formats, plus "markdown" (a pipe table) and "csv" (raw numbers, not rounded)
+TABLE_FORMATS = ("github", "simple", "markdown", "latex", "csv", "tsv", "plain")
+_TABULATE_NAMES = {"markdown": "github", "latex": "latex_booktabs"}
 
 
 def format_cell(value, digits: int = 4) -> str:
@@ -25,7 +35,51 @@ def format_delta(value, digits: int = 4) -> str:
     return "" if value is None else ("+" if value > 0 else "") + format_cell(value, digits)
 
 
-def render(rows: list[dict], columns: dict[str, str], table_format: str = "github") -> str:
-    """``columns`` maps a row key to its header; a missing key is an empty cell."""
-    body = [[format_cell(row.get(key)) for key in columns] for row in rows]
-    return tabulate(body, headers=list(columns.values()), tablefmt=table_format, disable_numparse=True)
+def render(rows: list[dict], columns: dict[str, str], table_format: str = "github", signed=()) -> str:
+    """``columns`` maps a row key to its header; a missing key is an empty cell; ``signed`` keys print +/-."""
+    if table_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns.values())
+        writer.writerows([["" if row.get(key) is None else row[key] for key in columns] for row in rows])
+        return buffer.getvalue().rstrip("\n")
+    body = [[(format_delta if key in signed else format_cell)(row.get(key)) for key in columns] for row in rows]
+    text = tabulate(
+        body, headers=list(columns.values()), tablefmt=_TABULATE_NAMES.get(table_format, table_format), disable_numparse=True
+    )
+    # tabulate escapes LaTeX's special characters; Δ is not one of them but pdflatex needs it in math mode
+    return text.replace("Δ", "$\\Delta$") if table_format == "latex" else text
+
+
+def _identifying(row: dict) -> dict:
+    """Text and integer fields (names, settings, counts): what can tell two results apart for a reader."""
+    return {
+        key: value for key, value in row.items()
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and key != "cell"
+    }
+
+
+def pivot(rows: list[dict], row_keys: list[str], col_key: str, value: str) -> tuple[list[dict], dict[str, str]]:
+    """One output row per distinct ``row_keys`` values, one column per distinct ``col_key`` value (in order of
+    appearance), holding ``value``. Returns rows and the columns mapping for ``render``; a missing cell is None.
+
+    Two input rows landing in one cell would hide a measurement, so that is an error naming what tells them apart.
+    """
+    columns = {key: key for key in row_keys}
+    table: dict[tuple, dict] = {}
+    origins: dict[tuple, dict] = {}
+    for row in rows:
+        label = tuple(row.get(key) for key in row_keys)
+        column = f"{col_key}={row.get(col_key)}"
+        columns.setdefault(column, str(row.get(col_key)))
+        target = table.setdefault(label, {key: row.get(key) for key in row_keys})
+        if column in target:
+            first, second = _identifying(origins[label + (column,)]), _identifying(row)
+            differ = sorted(key for key in first.keys() | second.keys() if first.get(key) != second.get(key))
+            raise UserError(
+                f"two results share {', '.join(f'{k}={v}' for k, v in zip(row_keys, label))} and {col_key}={row.get(col_key)}; "
+                f"add a row key that tells them apart (they differ in: {', '.join(differ) or 'nothing: the same result twice'})"
+            )
+        target[column] = row.get(value)
+        origins[label + (column,)] = row
+    return list(table.values()), columns

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from massquant.quantizers.spec import TensorQuantSpec
-from massquant.quantizers.tensors import observed_range, quantize_activation, quantize_kv, quantize_weight
+from massquant.quantizers.tensors import KeepRule, keep_mask, observed_range, quantize_activation, quantize_kv, quantize_weight
 
 
 class RangeObserver(nn.Module):
@@ -43,13 +43,28 @@ class RangeObserver(nn.Module):
 
 
 class ActivationQuantizer(RangeObserver):
-    """Quantizes a linear layer's input, per token or per tensor."""
+    """Quantizes a linear layer's input, per token or per tensor.
+
+    With a ``keep`` rule, the values it selects bypass quantization and stay out
+    of the scales (and out of calibrated ranges); ``kept_values`` and
+    ``inspected_values`` count them over every quantized forward.
+    """
+
+    def __init__(self, part: TensorQuantSpec):
+        super().__init__(part)
+        self.keep: KeepRule | None = None
+        self.kept_values = 0
+        self.inspected_values = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = None if self.keep is None else keep_mask(x, self.keep)
         if self.observing:
-            self.observe(x)
+            self.observe(x if kept is None else x[~kept])
             return x
-        return quantize_activation(x, self.part, *self.static_range)
+        if self.keep is not None:
+            self.kept_values += 0 if kept is None else int(kept.sum())
+            self.inspected_values += x.numel()
+        return quantize_activation(x, self.part, *self.static_range, keep=kept)
 
 
 class KVQuantizer(RangeObserver):

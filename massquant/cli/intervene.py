@@ -1,0 +1,140 @@
+"""massquant intervene: perplexity with the first layer's massive activations zeroed, set to their mean or clipped,
+and with the super weights zeroed, against the unchanged model."""
+
+from __future__ import annotations
+
+import sys
+
+from massquant.cli import common
+from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
+from massquant.data.text import load_text, text_fingerprint
+from massquant.errors import UserError
+from massquant.evaluation.perplexity import build_windows, perplexity
+from massquant.massive import DETECTION_MODES, MassiveCriteria
+from massquant.massive.handling import locate_sites, sites_summary
+from massquant.massive.intervene import (
+    INTERVENTIONS, InterventionCounts, ResidualTarget, first_layer_target, intervene_residual, mean_tables,
+    zero_super_weights,
+)
+from massquant.models.loading import load_model, max_sequence_length
+from massquant.reporting.results import environment
+from massquant.reporting.tables import format_delta, render
+
+NAME = "intervene"
+HELP = "perplexity with massive activations set to zero, to their mean or clipped, and with super weights zeroed"
+SUPER_WEIGHTS = "super-weights"
+CHOICES = (*INTERVENTIONS, SUPER_WEIGHTS)
+COLUMNS = {
+    "intervention": "intervention",
+    "ppl": "perplexity",
+    "delta_ppl_text": "Δppl",
+    "values_changed": "values changed",
+    "where": "where",
+    "tokens": "tokens",
+}
+
+
+def add_arguments(parser) -> None:
+    common.add_model_arguments(parser)
+    common.add_data_arguments(parser)
+    group = parser.add_argument_group("massive activations")
+    group.add_argument(
+        "--interventions", default=",".join(CHOICES), metavar="LIST",
+        help=f"comma-separated, from {', '.join(CHOICES)} (default: all); the unchanged model is always the first row",
+    )
+    group.add_argument(
+        "--massive-detection", default="calibrated", choices=DETECTION_MODES,
+        help="first massive layer and its channels located once on calibration data, or in each forward (default: calibrated)",
+    )
+    group.add_argument("--massive-threshold", type=float, default=MassiveCriteria.abs_threshold, help="a massive value exceeds this magnitude (default: 100)")
+    group.add_argument("--massive-ratio", type=float, default=MassiveCriteria.median_ratio, help="... and this multiple of its tensor's median magnitude (default: 1000)")
+    group.add_argument("--calib-data", default=DEFAULT_CALIBRATION_TEXT, help=f"text that locates massive activations and measures their means (default: {DEFAULT_CALIBRATION_TEXT})")
+    group.add_argument("--calib-samples", type=common.positive_int, default=16, help="calibration sequences (default: 16)")
+    group.add_argument("--calib-seq-len", type=common.positive_int, default=512, help="tokens per calibration sequence (default: 512)")
+    common.add_output_arguments(parser)
+
+
+def chosen_interventions(text: str) -> list[str]:
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in CHOICES]
+    if unknown or not chosen:
+        raise UserError(f"--interventions: unknown or empty '{text}'; accepted: {', '.join(CHOICES)}")
+    return list(dict.fromkeys(chosen))
+
+
+def run(args) -> int:
+    # Everything a user can get wrong is checked before the model loads.
+    sink = common.ResultSink(args)
+    model_config, ppl_config = common.model_config(args), common.perplexity_config(args)
+    ppl_config.validate()
+    model_config.validate()
+    interventions = chosen_interventions(args.interventions)
+    criteria = MassiveCriteria(args.massive_threshold, args.massive_ratio).validate()
+    common.seed_everything(args.seed)
+    text = load_text(ppl_config.data)
+    loaded = load_model(model_config)
+    model = loaded.model
+    windows = build_windows(loaded.tokenizer, text, ppl_config, max_sequence_length(model))
+    calibration = calibration_batch(
+        loaded.tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed,
+        bos=windows.bos_token_id is not None,
+    )
+    sites = locate_sites(model, calibration, criteria)
+    if not sites:
+        raise UserError(
+            f"no massive activations found on the calibration text (|a| > {criteria.abs_threshold:g} and > "
+            f"{criteria.median_ratio:g} x median); lower --massive-threshold or --massive-ratio"
+        )
+    target = first_layer_target(sites, criteria) if args.massive_detection == "calibrated" else ResidualTarget(criteria)
+    means = mean_tables(sites, model.config.hidden_size)
+    payload = {
+        "command": "intervene",
+        "model": {"reference": model_config.model, "source": loaded.source, "fingerprint": loaded.fingerprint, **vars(model_config)},
+        "data": {
+            **vars(ppl_config),
+            "seq_len": windows.input_ids.shape[1],
+            "bos_token_id": windows.bos_token_id,
+            "text_fingerprint": text_fingerprint(text),
+            "text_tokens": windows.text_tokens,
+        },
+        "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_len": args.calib_seq_len},
+        "detection": args.massive_detection,
+        "criteria": vars(criteria),
+        "located": sites_summary(sites),
+        "seed": args.seed,
+        "environment": environment(),
+        "rows": [],
+    }
+
+    def measure(name: str, install, where: str) -> dict:
+        counts = InterventionCounts()
+        undo = install(counts)
+        try:
+            result = perplexity(model, windows, ppl_config.batch_size, description=name)
+        finally:
+            undo()
+        row = {"intervention": name, "where": where, **result.as_dict(), **counts.as_dict()}
+        if counts.layers and target.layer is None:
+            row["where"] = f"layer {', '.join(map(str, sorted(counts.layers)))} (found per forward)"
+        row["delta_ppl"] = row["ppl"] - rows[0]["ppl"] if rows else 0.0
+        rows.append(row)
+        payload["rows"] = rows
+        sink.save(payload)
+
+    def zero_weights(counts: InterventionCounts):
+        counts.values = len(sites.super_weights)
+        return zero_super_weights(model, sites.super_weights)
+
+    rows: list[dict] = []
+    measure("unchanged", lambda counts: (lambda: None), "")
+    for name in interventions:
+        if name != SUPER_WEIGHTS:
+            measure(name, lambda counts, name=name: intervene_residual(model, name, target, means, counts), target.describe())
+        elif sites.super_weights:
+            where = "; ".join(f"layer {w.layer} down_proj[{w.row}, {w.col}]" for w in sites.super_weights)
+            measure(name, zero_weights, where)
+        else:
+            print("massquant: no super weight located; the super-weights row is left out", file=sys.stderr)
+    table_rows = [{**row, "delta_ppl_text": format_delta(row["delta_ppl"])} for row in rows]
+    sink.finish(payload, render(table_rows, COLUMNS, args.table_format))
+    return 0

@@ -1,0 +1,200 @@
+"""massquant locate: where a model's massive activations and super weights are, and which tokens carry them."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+from massquant.cli import common
+from massquant.data.calibration import calibration_batch
+from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
+from massquant.errors import UserError
+from massquant.evaluation.perplexity import BOS_POLICIES, _bos_to_prepend
+from massquant.massive import MassiveCriteria
+from massquant.massive.locate import LocateConfig, attention_probabilities_available, layer_output, locate
+from massquant.massive.plots import write_plots
+from massquant.models.architectures import decoder_layers
+from massquant.models.loading import load_model, max_sequence_length
+from massquant.reporting.results import environment
+from massquant.reporting.tables import render
+
+NAME = "locate"
+HELP = "find massive activations and super weights: layers, channels, tokens, values; per-layer outlier statistics and plots"
+
+SHOWN_ROWS = 20  # of the massive-group and token tables; the JSON has every row
+MASSIVE_COLUMNS = {
+    "channel": "channel",
+    "token_text": "token",
+    "positions_text": "positions",
+    "layers": "layers",
+    "value": "max value",
+    "ratio": "x median",
+    "sequences": "sequences",
+}
+LAYER_COLUMNS = {
+    "layer": "layer",
+    "top": "max |a|",
+    "where": "at (position token / channel)",
+    "median": "median |a|",
+    "ratio": "x median",
+    "massive": "massive",
+    "kurtosis": "kurtosis",
+    "first_token_norm": "‖first token‖",
+    "token_norm": "‖other tokens‖",
+    "entropy": "entropy",
+    "down_proj_top": "down_proj max |x|",
+}
+SUPER_WEIGHT_COLUMNS = {
+    "layer": "layer",
+    "row": "row (out)",
+    "col": "col (in)",
+    "value": "weight",
+    "input_value": "input spike",
+    "output_value": "output spike",
+    "position": "position",
+    "contribution": "share of spike",
+}
+TOKEN_COLUMNS = {
+    "token_text": "token",
+    "token_id": "id",
+    "carriers": "carriers",
+    "occurrences": "occurrences",
+    "at_first_position": "at position 0",
+}
+
+
+def add_arguments(parser) -> None:
+    common.add_model_arguments(parser)
+    group = parser.add_argument_group("sequences")
+    group.add_argument(
+        "--data", default=DEFAULT_TEXT,
+        help=f"a corpus ({', '.join(TEXT_SOURCES)}) or a path to a UTF-8 text file (default: {DEFAULT_TEXT})",
+    )
+    group.add_argument("--n-seqs", type=common.positive_int, default=8, help="random sequences of the text (default: 8)")
+    group.add_argument("--seq-len", type=common.positive_int, default=512, help="tokens per sequence (default: 512)")
+    group.add_argument(
+        "--bos", default="auto", choices=BOS_POLICIES,
+        help="prepend BOS to each sequence: auto (when the tokenizer has one), always, never (default: auto)",
+    )
+    criteria = parser.add_argument_group("what counts as massive")
+    criteria.add_argument("--threshold", type=float, default=MassiveCriteria.abs_threshold, help="|a| must exceed this (default: 100)")
+    criteria.add_argument(
+        "--ratio", type=float, default=MassiveCriteria.median_ratio,
+        help="... and this multiple of the median |a| of its layer's tensor (default: 1000)",
+    )
+    criteria.add_argument("--top-k", type=common.positive_int, default=10, help="largest values kept per layer (default: 10)")
+    criteria.add_argument(
+        "--layer", type=int, metavar="N",
+        help="layer of the heat-map (default: the first massive layer, else the layer of the largest |a|)",
+    )
+    common.add_output_arguments(parser)
+
+
+def check_layer(requested: int | None, model) -> None:
+    layers = len(decoder_layers(model))
+    if requested is not None and not 0 <= requested < layers:
+        raise UserError(f"--layer {requested} does not exist; this model has layers 0..{layers - 1}")
+
+
+def heatmap_layer(requested: int | None, report) -> int:
+    if requested is not None:
+        return requested
+    if report.massive.first_layer is not None:
+        return report.massive.first_layer
+    return max(report.layers, key=lambda stats: abs(stats.top[0].value)).layer
+
+
+def _quoted(token: str | None) -> str:
+    return "" if token is None else repr(token)
+
+
+def _where(peak) -> str:
+    return f"{peak.position} {_quoted(peak.token)} / {peak.channel}"
+
+
+def _positions_text(positions: list[int], shown: int = 6) -> str:
+    text = ",".join(map(str, positions[:shown]))
+    return text + (f",… ({len(positions)})" if len(positions) > shown else "")
+
+
+def tables(report, payload: dict, table_format: str) -> str:
+    criteria = report.config.criteria
+    heading = f"Massive activations (|a| > {criteria.abs_threshold:g} and > {criteria.median_ratio:g} x the layer's median |a|)"
+    groups = payload["massive_groups"]
+    sections = [heading]
+    if groups:
+        rows = [
+            {**group, "token_text": _quoted(group["token"]), "positions_text": _positions_text(group["positions"])}
+            for group in groups[:SHOWN_ROWS]
+        ]
+        sections.append(render(rows, MASSIVE_COLUMNS, table_format))
+        if len(groups) > SHOWN_ROWS:
+            sections.append(f"... {len(groups) - SHOWN_ROWS} more (channel, token) groups in the JSON")
+    else:
+        sections.append("none found")
+    layer_rows = [
+        {
+            "layer": stats.layer,
+            "top": abs(stats.top[0].value),
+            "where": _where(stats.top[0]),
+            "median": stats.median,
+            "ratio": stats.top[0].ratio,
+            "massive": stats.massive,
+            "kurtosis": stats.kurtosis,
+            "first_token_norm": stats.first_token_norm,
+            "token_norm": stats.token_norm,
+            "entropy": stats.entropy,
+            "down_proj_top": abs(stats.down_proj_top[0].value),
+        }
+        for stats in report.layers
+    ]
+    sections += ["", "Per layer (decoder layer outputs; kurtosis: excess, pooled; entropy: Rényi-2 of the tokens' Gram spectrum, nats)",
+                 render(layer_rows, LAYER_COLUMNS, table_format)]
+    sections += ["", "Super weights (Yu et al. 2024: down_proj weight[row, col] behind a massive output spike)"]
+    weights = payload["massive"]["super_weights"]
+    sections.append(render(weights, SUPER_WEIGHT_COLUMNS, table_format) if weights else "none found")
+    sections += ["", f"Tokens carrying massive activations ({report.sequences} sequences of {report.seq_len} tokens)"]
+    token_rows = [{**count, "token_text": _quoted(count["token"])} for count in payload["tokens"][:SHOWN_ROWS]]
+    sections.append(render(token_rows, TOKEN_COLUMNS, table_format) if token_rows else "none")
+    if len(payload["tokens"]) > SHOWN_ROWS:
+        sections.append(f"... {len(payload['tokens']) - SHOWN_ROWS} more tokens in the JSON")
+    return "\n".join(sections)
+
+
+def run(args) -> int:
+    # Everything a user can get wrong is checked before the model loads.
+    sink = common.ResultSink(args)
+    model_config = common.model_config(args)
+    model_config.validate()
+    config = LocateConfig(criteria=MassiveCriteria(args.threshold, args.ratio), top_k=args.top_k, entropy=True).validate()
+    common.seed_everything(args.seed)
+    loaded = load_model(model_config)
+    # The attention plot needs one more pass with eager attention, only when plots are written.
+    plots = sink.directory is not None
+    if plots and not attention_probabilities_available(loaded.model):
+        print(f"massquant: {type(loaded.model).__name__} cannot switch to eager attention at run time; "
+              "no attention-sink plot (load it with --attn eager for one)", file=sys.stderr)
+    config = replace(config, attention_sink=plots and attention_probabilities_available(loaded.model))
+    check_layer(args.layer, loaded.model)
+    longest = max_sequence_length(loaded.model)
+    if longest is not None and args.seq_len > longest:
+        raise UserError(f"--seq-len {args.seq_len} is longer than the model's maximum of {longest} tokens")
+    bos = _bos_to_prepend(loaded.tokenizer, args.bos) is not None
+    batch = calibration_batch(loaded.tokenizer, args.data, args.n_seqs, args.seq_len, args.seed, bos=bos)
+    report = locate(loaded.model, batch, config, tokenizer=loaded.tokenizer)
+    layer = heatmap_layer(args.layer, report)
+    payload = {
+        "command": "locate",
+        "model": {"reference": model_config.model, "source": loaded.source, "fingerprint": loaded.fingerprint, **vars(model_config)},
+        "data": {"data": args.data, "n_seqs": args.n_seqs, "seq_len": args.seq_len, "bos": args.bos, "bos_prepended": bos},
+        "seed": args.seed,
+        "environment": environment(),
+        **report.as_dict(),
+    }
+    if plots:
+        tokens = [loaded.tokenizer.decode([token]) for token in batch[0].tolist()]
+        heatmap = (layer, layer_output(loaded.model, batch[0], layer), tokens)
+        payload["plots"] = [path.name for path in write_plots(report, sink.directory, heatmap)]
+    sink.finish(payload, tables(report, payload, args.table_format))
+    return 0
+

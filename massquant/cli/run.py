@@ -1,0 +1,69 @@
+"""massquant run RECIPE: every cell of an evaluation grid, each saved as it finishes; a rerun resumes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from massquant.cli import common
+from massquant.recipes.execute import flat_row, run_cells
+from massquant.recipes.schema import expand, load_recipe, with_overrides
+from massquant.reporting.compare import add_deltas, resolve_view, table
+from massquant.reporting.results import ensure_writable_dir, environment, to_json, write_json_atomic
+from massquant.reporting.tables import TABLE_FORMATS, render
+
+NAME = "run"
+HELP = "run an evaluation recipe (recipes/*.yaml): every cell cached, an interrupted run resumes"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", metavar="RECIPE", help="a recipe file with 'kind: grid' (see recipes/)")
+    parser.add_argument("--out", metavar="DIR", help="run directory: cells/, results.json (default: results/<recipe name>)")
+    group = parser.add_argument_group("overrides (the same grid on another model or a smaller slice)")
+    group.add_argument("--model", action="append", default=[], help="replace the recipe's models (repeat for several)")
+    group.add_argument("--data", action="append", default=[], help="replace the recipe's texts (repeat for several)")
+    group.add_argument("--seq-len", type=common.positive_int, help="replace the recipe's window lengths")
+    group.add_argument("--max-tokens", type=common.positive_int, help="replace the recipe's token limit")
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="print the results JSON to stdout instead of the table")
+    output.add_argument("--table-format", default="github", choices=TABLE_FORMATS, help="format of the printed table (default: github)")
+
+
+def run(args) -> int:
+    recipe_path = Path(args.recipe)
+    recipe = load_recipe(recipe_path)
+    overrides = {"models": args.model, "data": args.data, "seq_len": args.seq_len, "max_tokens": args.max_tokens}
+    recipe = with_overrides(recipe, **overrides)
+    cells = expand(recipe, f"recipe '{recipe_path}'")  # every error before any model loads
+    directory = ensure_writable_dir(args.out or Path("results") / recipe.name)
+    view = recipe.table
+    payload = {
+        "command": "run",
+        "recipe": {
+            "path": str(recipe_path),
+            "name": recipe.name,
+            "description": recipe.description,
+            "text": recipe_path.read_text(encoding="utf-8"),
+            "overrides": {key: value for key, value in overrides.items() if value},
+        },
+        "view": vars(view),
+        "cells": len({cell.key for cell in cells}),
+        "environment": environment(),
+        "rows": [],
+    }
+
+    def save(records: list[dict]) -> None:
+        payload["rows"] = add_deltas([flat_row(record) for record in records], cells[0].tasks)
+        write_json_atomic(directory / "results.json", payload)
+
+    outcome = run_cells(cells, directory, recipe.name, on_record=save)
+    payload.update(computed=outcome.computed, reused=outcome.reused)
+    save(outcome.records)
+    print(f"cells: {outcome.computed} computed, {outcome.reused} reused; results: {directory / 'results.json'}", file=sys.stderr)
+    if args.json:
+        print(to_json(payload))
+        return 0
+    rows = payload["rows"]
+    table_rows, columns, signed = table(rows, resolve_view(rows, view.rows, view.cols, view.value))
+    print(render(table_rows, columns, args.table_format, signed))
+    return 0

@@ -1,0 +1,60 @@
+"""massquant train RECIPE.yaml: fine-tune (or train from scratch) with training-time mitigations, then evaluate."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from massquant.cli import common
+from massquant.reporting.results import ensure_writable_dir, to_json
+from massquant.reporting.tables import TABLE_FORMATS, format_cell, render
+from massquant.training.recipe import load_recipe
+from massquant.training.runner import RESULTS, TrainingRun
+
+NAME = "train"
+HELP = "fine-tune a model with training-time mitigations (tvr, dyt, gated, kvbias, ...) from a recipe; checkpoint and evaluate it"
+COLUMNS = {
+    "stage": "stage",
+    "config": "config",
+    "ppl": "perplexity",
+    "delta_ppl": "Δppl vs fp",
+    "max_abs": "max|a|",
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", help="a training recipe (YAML; see recipes/train-*.yaml)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: the recipe's 'out'): checkpoint/ and results.json")
+    parser.add_argument("--json", action="store_true", help="print the results JSON to stdout instead of the table")
+    parser.add_argument("--table-format", default="github", choices=TABLE_FORMATS, help="tabulate format of the printed table (default: github)")
+
+
+def summary(payload: dict, table_format: str) -> str:
+    rows = [
+        {**row, "max_abs": payload["massive"].get(row["stage"], {}).get("max_abs") if row["spec"] == "fp" else None}
+        for row in payload["rows"]
+    ]
+    training = payload["training"]
+    lines = [
+        f"{payload['mitigation']}: {len(training['history'])} steps of {training['tokens_per_step']} tokens in "
+        f"{training['seconds']:.0f} s, loss {format_cell(training['first_loss'])} -> {format_cell(training['final_loss'])}; "
+        f"checkpoint: {payload['checkpoint']}"
+    ]
+    if rows:
+        lines += ["", render(rows, COLUMNS, table_format, signed=("delta_ppl",))]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    recipe = load_recipe(args.recipe)
+    if args.out:
+        recipe.out = args.out
+    out = ensure_writable_dir(recipe.out)  # checked before the model loads
+    common.seed_everything(recipe.train.seed)
+    payload = TrainingRun(recipe, out).run()
+    if args.json:
+        print(to_json(payload))
+    else:
+        print(summary(payload, args.table_format))
+        print(f"\nresults: {Path(out) / RESULTS}", file=sys.stderr)
+    return 0

@@ -1,0 +1,227 @@
+"""Interventions on massive activations: pure tensor functions, and the hooks that apply them to a model.
+
+At the first layer whose output (the residual stream) carries massive values,
+those values are set to zero, to their calibrated mean, or clipped to the
+massive threshold; separately, super weights (Yu et al. 2024) can be zeroed.
+Means are measured on calibration sequences separately for the first position
+and for the others, as in the refined analysis of Owen et al. (2025): the
+first token's massive values differ from a delimiter's. Every installer
+returns an undo that restores the model exactly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+from transformers.pytorch_utils import Conv1D
+
+from massquant.massive import MassiveCriteria
+from massquant.massive.sites import MassiveSites, SuperWeight
+from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.quantizers.functional import outlier_mask, outlier_threshold
+
+INTERVENTIONS = ("zero", "mean", "clip")
+FIRST, OTHER = 0, 1  # position classes: row of a mean table
+
+
+@dataclass(frozen=True)
+class ResidualTarget:
+    """Where an intervention looks for massive values in the residual stream."""
+
+    criteria: MassiveCriteria
+    layer: int | None = None  # None: per forward, the first layer whose output has massive values
+    channels: tuple[int, ...] | None = None  # None: every channel
+
+    def describe(self) -> str:
+        where = f"layer {self.layer}" if self.layer is not None else "first massive layer of each forward"
+        return where + (f", channels {','.join(map(str, self.channels))}" if self.channels is not None else "")
+
+
+@dataclass
+class InterventionCounts:
+    """What an installed intervention did, summed over forwards."""
+
+    values: int = 0  # activation values changed
+    without_mean: int = 0  # massive values left as they were: no calibrated mean for their layer/position/channel
+    layers: Counter = field(default_factory=Counter)  # layer -> forwards in which it was intervened on
+
+    def clear(self) -> None:
+        self.values = self.without_mean = 0
+        self.layers.clear()
+
+    def as_dict(self) -> dict:
+        return {"values_changed": self.values, "values_without_mean": self.without_mean, "layers": dict(self.layers)}
+
+
+# ---- pure functions on tensors ----------------------------------------------------------------
+
+
+def position_classes(positions: Tensor) -> Tensor:
+    """FIRST for position 0, OTHER elsewhere."""
+    return (positions != 0).long()
+
+
+def zero_values(hidden: Tensor, mask: Tensor) -> Tensor:
+    return hidden.masked_fill(mask, 0)
+
+
+def clip_values(hidden: Tensor, mask: Tensor, bound: float) -> Tensor:
+    """Masked values clamped to [-bound, bound], keeping their sign."""
+    return torch.where(mask, hidden.clamp(-bound, bound), hidden)
+
+
+def mean_values(hidden: Tensor, mask: Tensor, means: Tensor, positions: Tensor) -> Tensor:
+    """Masked values replaced by ``means[class, channel]`` ([2, hidden]); NaN means leave the value as it was.
+
+    ``hidden`` is ``[..., tokens, channels]``; ``positions`` (``[tokens]`` or
+    ``[batch, tokens]``) gives each token's position, hence its class.
+    """
+    table = means.to(hidden.dtype)[position_classes(positions)]
+    return torch.where(mask & ~table.isnan(), table, hidden)
+
+
+def mean_tables(sites: MassiveSites, hidden_size: int, layers: list[int] | None = None) -> dict[int, Tensor]:
+    """Per layer, the mean signed value of its massive sites by position class and channel: ``[2, hidden]``, NaN where none."""
+    sums: dict[int, Tensor] = {}
+    counts: dict[int, Tensor] = {}
+    for site in sites.sites:
+        if layers is not None and site.layer not in layers:
+            continue
+        row = FIRST if site.position == 0 else OTHER
+        sums.setdefault(site.layer, torch.zeros(2, hidden_size, dtype=torch.float64))[row, site.channel] += site.value
+        counts.setdefault(site.layer, torch.zeros(2, hidden_size, dtype=torch.float64))[row, site.channel] += 1
+    return {layer: (sums[layer] / counts[layer]).float() for layer in sums}  # 0/0 is NaN: no mean
+
+
+def first_layer_target(sites: MassiveSites, criteria: MassiveCriteria) -> ResidualTarget | None:
+    """The first massive layer and the channels massive there; None when there are no sites."""
+    layer = sites.first_layer
+    if layer is None:
+        return None
+    channels = tuple(sorted({site.channel for site in sites.sites if site.layer == layer}))
+    return ResidualTarget(criteria, layer, channels)
+
+
+# ---- hooks ---------------------------------------------------------------------------------------
+
+
+def _hidden_of(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden: Tensor):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _positions(hidden: Tensor, kwargs: dict) -> Tensor:
+    positions = kwargs.get("position_ids")
+    return positions if positions is not None else torch.arange(hidden.shape[-2], device=hidden.device)
+
+
+def intervene_residual(
+    model, kind: str, target: ResidualTarget, means: dict[int, Tensor] | None = None,
+    counts: InterventionCounts | None = None,
+) -> Callable[[], None]:
+    """Change massive values at a decoder layer's output on every forward: ``kind`` is zero, mean or clip.
+
+    ``mean`` needs ``means`` (see ``mean_tables``); ``clip`` clamps to the
+    massive threshold of that tensor, max(abs_threshold, median_ratio x median
+    |x|), the smallest magnitude that still counts as massive. Returns the undo.
+    """
+    if kind not in INTERVENTIONS:
+        raise ValueError(f"unknown intervention {kind!r}; expected one of {INTERVENTIONS}")
+    if kind == "mean" and means is None:
+        raise ValueError("the mean intervention needs calibrated means")
+    counts = counts if counts is not None else InterventionCounts()
+    criteria = target.criteria
+    layers = decoder_layers(model)
+    # Dynamic: only the first layer with massive values in each forward is changed.
+    done = {"this_forward": False}
+
+    def change(index: int, hidden: Tensor, positions: Tensor) -> Tensor | None:
+        mask = outlier_mask(hidden, criteria.abs_threshold, criteria.median_ratio, target.channels)
+        if mask is None:
+            return None
+        counts.layers[index] += 1
+        if kind == "zero":
+            counts.values += int(mask.sum())
+            return zero_values(hidden, mask)
+        if kind == "clip":
+            counts.values += int(mask.sum())
+            return clip_values(hidden, mask, outlier_threshold(hidden, criteria.abs_threshold, criteria.median_ratio))
+        table = means.get(index)
+        if table is None:  # dynamic detection found a layer that calibration did not
+            counts.without_mean += int(mask.sum())
+            return hidden
+        table = table.to(hidden.device)
+        changed = int((mask & ~table[position_classes(positions)].isnan()).sum())
+        counts.values += changed
+        counts.without_mean += int(mask.sum()) - changed
+        return mean_values(hidden, mask, table, positions)
+
+    def hook_for(index: int):
+        def hook(module, args, kwargs, output):
+            if done["this_forward"]:
+                return None
+            hidden = _hidden_of(output)
+            changed = change(index, hidden, _positions(hidden, kwargs))
+            if changed is None:
+                return None
+            if target.layer is None:
+                done["this_forward"] = True
+            return _replace_hidden(output, changed)
+
+        return hook
+
+    def reset(*_):
+        done["this_forward"] = False
+
+    indices = [target.layer] if target.layer is not None else range(len(layers))
+    handles = [layers[index].register_forward_hook(hook_for(index), with_kwargs=True) for index in indices]
+    if target.layer is None:
+        handles.append(layers[0].register_forward_pre_hook(reset))
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return undo
+
+
+# ---- super weights -------------------------------------------------------------------------------
+
+
+def out_in_weight(module: torch.nn.Module) -> Tensor:
+    """A linear layer's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``); a view, writable."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def down_projection(model, layer: int) -> torch.nn.Module:
+    return get_path(decoder_layers(model)[layer], architecture_of(model).down_proj)
+
+
+def set_super_weights(model, super_weights: list[SuperWeight], values: Callable[[SuperWeight, Tensor], Tensor]) -> Callable[[], None]:
+    """Write ``values(weight, current)`` into each super weight's down-projection entry; returns the undo."""
+    previous = []
+    with torch.no_grad():
+        for weight in super_weights:
+            matrix = out_in_weight(down_projection(model, weight.layer))
+            current = matrix[weight.row, weight.col].clone()
+            previous.append((matrix, weight, current))
+            matrix[weight.row, weight.col] = values(weight, current)
+
+    def undo() -> None:
+        with torch.no_grad():
+            for matrix, weight, value in reversed(previous):
+                matrix[weight.row, weight.col] = value
+
+    return undo
+
+
+def zero_super_weights(model, super_weights: list[SuperWeight]) -> Callable[[], None]:
+    """Yu et al. 2024: zeroing one such weight can wreck a model; returns the undo."""
+    return set_super_weights(model, super_weights, lambda weight, current: torch.zeros_like(current))

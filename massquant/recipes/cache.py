@@ -1,0 +1,31 @@
+"""Finished cells on disk: one JSON file per cell, named by the cell's key, written atomically.
+
+A file exists only once its cell has finished (the write is a rename), so an
+interrupted run leaves nothing half-written to trip over on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from massquant.reporting.results import write_json_atomic
+
+
+class CellCache:
+    def __init__(self, run_directory: Path):
+        self.directory = Path(run_directory) / "cells"
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def load(self, key: str) -> dict | None:
+        """The finished cell's record, or None when absent or not one of ours (it is then recomputed)."""
+        try:
+            record = json.loads(self.path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("key") == key else None
+
+    def store(self, record: dict) -> Path:
+        return write_json_atomic(self.path(record["key"]), record)

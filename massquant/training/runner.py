@@ -1,0 +1,167 @@
+"""One training run from a recipe: evaluate, operate, train, checkpoint, reload, evaluate again.
+
+Stages of the evaluation (each row of the results carries its ``stage``):
+``before`` (the model as loaded), ``surgery`` (with the new modules, before
+any training step; full precision only) and ``after`` (the checkpoint as
+reloaded from disk, so the numbers describe the saved files).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from massquant.data.calibration import calibration_batch
+from massquant.data.text import load_text, text_fingerprint
+from massquant.errors import UserError
+from massquant.evaluation.perplexity import PerplexityConfig, build_windows
+from massquant.evaluation.runner import evaluate_variant
+from massquant.massive.locate import locate, outlier_summary
+from massquant.mitigations import check_applicable, get_mitigation, variant_label
+from massquant.models.loading import DTYPES, LoadedModel, load_model, max_sequence_length, resolve_reference
+from massquant.quantizers.spec import parse_spec
+from massquant.reporting.results import environment, write_json_atomic
+from massquant.training.checkpoint import save_checkpoint
+from massquant.training.loop import train, training_windows
+from massquant.training.recipe import TrainRecipe
+from massquant.training.surgery import apply_surgery, training_choices
+from massquant.variants import Variant
+
+CHECKPOINT = "checkpoint"
+RESULTS = "results.json"
+
+
+def build_from_scratch(recipe: TrainRecipe) -> LoadedModel:
+    """A randomly initialised model: ``recipe.model``'s architecture and tokenizer, its config overridden."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_reference(recipe.model)
+    source = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(resolved.path_or_id, **source)
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **source)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the config/tokenizer of '{recipe.model}' for from_scratch: {str(error).splitlines()[0]}") from error
+    for key, value in recipe.from_scratch.items():
+        if not hasattr(config, key):
+            raise UserError(
+                f"recipe from_scratch: '{key}' is not a {type(config).__name__} setting; e.g. hidden_size, "
+                "intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim"
+            )
+        setattr(config, key, value)
+    if getattr(config, "quantization_config", None) is not None:  # GGUF metadata; a fresh model is not quantized
+        del config.quantization_config
+    torch.manual_seed(recipe.train.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe.dtype], attn_implementation=recipe.attn)
+    if recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available()):
+        model.to("cuda")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model.eval(), tokenizer=tokenizer, config=recipe.model_config,
+        source=f"{recipe.model} (from scratch)", fingerprint=f"scratch:seed={recipe.train.seed}",
+    )
+
+
+class TrainingRun:
+    """The state one ``massquant train`` run accumulates, saved as JSON after every stage."""
+
+    def __init__(self, recipe: TrainRecipe, out: Path):
+        self.recipe = recipe
+        self.out = out
+        self.choices = training_choices(recipe.mitigation)
+        self.specs = [parse_spec(text.strip()) for item in (recipe.eval.specs if recipe.eval else []) for text in item.split(",") if text.strip()]
+        self.payload = {
+            "command": "train",
+            "recipe": asdict(recipe),
+            "mitigation": variant_label(self.choices),
+            "rows": [],
+            "massive": {},
+            "environment": environment(),
+        }
+
+    def save(self) -> None:
+        write_json_atomic(self.out / RESULTS, self.payload)
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(self, stage: str, loaded: LoadedModel, windows, calibration, specs) -> None:
+        settings = self.recipe.eval
+        rows = [evaluate_variant(loaded, Variant(spec), windows, calibration, settings.batch_size) for spec in [None, *specs]]
+        for row in rows:
+            row["stage"] = stage
+            row["delta_ppl"] = row["ppl"] - rows[0]["ppl"]
+        self.payload["rows"].extend(rows)
+        if settings.locate:
+            report = locate(loaded.model, windows.input_ids[: settings.locate_sequences], tokenizer=loaded.tokenizer, progress=False)
+            self.payload["massive"][stage] = outlier_summary(report)
+        self.save()
+
+    def _needs_calibration(self) -> bool:
+        fitted = any(get_mitigation(c.name).kind == "training" and get_mitigation(c.name).needs_calibration for c in self.choices)
+        return fitted or any(Variant(spec).needs_calibration for spec in self.specs)
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        recipe, started = self.recipe, time.perf_counter()
+        torch.manual_seed(recipe.train.seed)
+        loaded = build_from_scratch(recipe) if recipe.from_scratch is not None else load_model(recipe.model_config)
+        self.payload["model"] = {"reference": recipe.model, "source": loaded.source, "fingerprint": loaded.fingerprint}
+        check_applicable(loaded.model, self.choices)
+        tokenizer, model_max = loaded.tokenizer, max_sequence_length(loaded.model)
+
+        windows, skip = None, 0
+        if recipe.eval is not None:
+            eval_text = load_text(recipe.eval.data)
+            config = PerplexityConfig(data=recipe.eval.data, seq_len=recipe.eval.seq_len, max_tokens=recipe.eval.max_tokens, bos=recipe.eval.bos)
+            windows = build_windows(tokenizer, eval_text, config, model_max)
+            skip = windows.text_tokens if recipe.eval.data == recipe.train.data else 0
+            self.payload["eval_data"] = {**asdict(recipe.eval), "text_fingerprint": text_fingerprint(eval_text), "windows": len(windows.input_ids)}
+        bos = windows.bos_token_id is not None if windows is not None else tokenizer.bos_token_id is not None
+        calibration = None
+        if self._needs_calibration():
+            settings = recipe.calibration
+            calibration = calibration_batch(tokenizer, settings.data, settings.samples, settings.seq_len, recipe.train.seed, bos=bos)
+
+        train_text = load_text(recipe.train.data)
+        train_windows = training_windows(tokenizer, train_text, recipe.train, skip, model_max)  # too little text fails here
+
+        if windows is not None:
+            self.evaluate("before", loaded, windows, calibration, self.specs)
+        self.payload["surgery"] = apply_surgery(loaded.model, self.choices, calibration)
+        if windows is not None and self.choices:
+            self.evaluate("surgery", loaded, windows, calibration, [])
+
+        checkpoints = self.out / CHECKPOINT
+        trained_at = time.perf_counter()
+        history = train(
+            loaded.model, train_windows, recipe.train, self.choices,
+            on_checkpoint=lambda step: save_checkpoint(loaded.model, tokenizer, self.out / f"{CHECKPOINT}-{step}"),
+        )
+        self.payload["training"] = {
+            "windows": len(train_windows),
+            "tokens_per_step": recipe.train.batch_size * recipe.train.seq_len,
+            "skipped_tokens": skip,
+            "text_fingerprint": text_fingerprint(train_text),
+            "seconds": time.perf_counter() - trained_at,
+            "first_loss": history[0]["loss"],
+            "final_loss": history[-1]["loss"],
+            "history": history,
+        }
+        save_checkpoint(loaded.model, tokenizer, checkpoints)
+        self.payload["checkpoint"] = str(checkpoints)
+        self.save()
+
+        if windows is not None:
+            del loaded
+            gc.collect()
+            reloaded = load_model(recipe.model_config, model=str(checkpoints))
+            self.evaluate("after", reloaded, windows, calibration, self.specs)
+        self.payload["seconds"] = time.perf_counter() - started
+        self.save()
+        return self.payload
