@@ -343,3 +343,22 @@ def test_smollm2_smoothing_keeps_logits(smollm2, smollm2_ids):
     finally:
         undo()
     assert_restored(smollm2, parameters, reference, smollm2_ids)
+
+
+@pytest.mark.slow
+def test_smollm2_mitigations_rescue_per_tensor_w8a8(smollm2, enwiki_text):
+    """The README table: 4,096 enwiki tokens in 512-token windows, SmoothQuant calibrated on 16 x 512 lee-news tokens."""
+    from massquant.evaluation.perplexity import PerplexityConfig, build_windows
+    from massquant.evaluation.runner import evaluate_variant
+    from massquant.models.loading import max_sequence_length
+    from massquant.variants import Variant
+
+    config = PerplexityConfig(seq_len=512, max_tokens=4096)
+    windows = build_windows(smollm2.tokenizer, enwiki_text, config, max_sequence_length(smollm2.model))
+    calibration = calibration_batch(smollm2.tokenizer, "lee-news", 16, 512, seed=0)
+    spec = parse_spec("w8a8-tensor")
+    measured = {
+        text: evaluate_variant(smollm2, Variant(spec, mitigation=tuple(parse_mitigations(text)[0])), windows, calibration)["ppl"]
+        for text in ("none", "hadamard", "smoothquant", "smoothquant+hadamard")
+    }
+    assert measured == pytest.approx({"none": 50.229, "hadamard": 24.366, "smoothquant": 28.801, "smoothquant+hadamard": 22.556}, rel=2e-3)
