@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -239,6 +240,18 @@ def run_without_logits(model, input_ids: Tensor) -> None:
 # ---- hooks: state per layer, fed one sequence at a time --------------------------------------------
 
 
+@contextmanager
+def one_thread():
+    """Hook reductions on one thread: each touches at most a few MB, and on a few shared cores the
+    fork/join of every parallel region costs more than the work it splits (measured: 1.12x -> 0.97x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 TOP_MEANS = 3  # the curves of the magnitude plot
 
 
@@ -258,24 +271,25 @@ class _ResidualStream:
         self.sites: list[MassiveSite] = []
 
     def observe(self, x: Tensor, sequence: int) -> None:
-        median = median_magnitude(x)
-        self.medians.append(median)
-        row_maxima = row_magnitudes(x)
-        values, positions, channels = largest(x, row_maxima, max(self.config.top_k, TOP_MEANS))
-        self.top = keep_largest(
-            self.top + [Peak(v, sequence, p, c, ratio_to(v, median)) for v, p, c in zip(values, positions, channels)],
-            self.config.top_k,
-        )
-        self.top_sums = [total + abs(value) for total, value in zip(self.top_sums, values)]
-        cutoff = massive_cutoff(self.config.criteria, median)
-        if abs(values[0]) > cutoff:
-            for v, p, c in zip(*entries_above(x, row_maxima, cutoff)):
-                self.sites.append(MassiveSite(self.layer, sequence, p, c, v, ratio_to(v, median)))
-        self.sums = [total + part for total, part in zip(self.sums, power_sums(x))]
-        first, others = token_norms(x)
-        self.first_norms.append(first)
-        self.token_norms.append(others)
-        if self.config.entropy:
+        with one_thread():
+            median = median_magnitude(x)
+            self.medians.append(median)
+            row_maxima = row_magnitudes(x)
+            values, positions, channels = largest(x, row_maxima, max(self.config.top_k, TOP_MEANS))
+            self.top = keep_largest(
+                self.top + [Peak(v, sequence, p, c, ratio_to(v, median)) for v, p, c in zip(values, positions, channels)],
+                self.config.top_k,
+            )
+            self.top_sums = [total + abs(value) for total, value in zip(self.top_sums, values)]
+            cutoff = massive_cutoff(self.config.criteria, median)
+            if abs(values[0]) > cutoff:
+                for v, p, c in zip(*entries_above(x, row_maxima, cutoff)):
+                    self.sites.append(MassiveSite(self.layer, sequence, p, c, v, ratio_to(v, median)))
+            self.sums = [total + part for total, part in zip(self.sums, power_sums(x))]
+            first, others = token_norms(x)
+            self.first_norms.append(first)
+            self.token_norms.append(others)
+        if self.config.entropy:  # a matrix product: worth every thread
             self.entropies.append(gram_entropy(x))
 
 
@@ -291,6 +305,10 @@ class _DownProjection:
         self.massive_channels: set[int] = set()
 
     def observe(self, inputs: Tensor, outputs: Tensor, sequence: int) -> None:
+        with one_thread():
+            self._observe(inputs, outputs, sequence)
+
+    def _observe(self, inputs: Tensor, outputs: Tensor, sequence: int) -> None:
         row_maxima = row_magnitudes(inputs)
         values, positions, channels = largest(inputs, row_maxima, self.config.top_k)
         # Most down projections never reach the absolute threshold: their median is not needed.
