@@ -12,7 +12,7 @@ import pytest
 from massquant.cli.main import main
 from massquant.errors import UserError
 from massquant.reporting.compare import View, add_deltas, chart_table, load_rows, resolve_view, table
-from massquant.reporting.tables import pivot, render
+from massquant.reporting.tables import mitigation_grid, pivot, render
 from tests.conftest import TRAINING_TEXT, make_tiny_llama
 
 
@@ -30,6 +30,22 @@ def test_pivot_places_each_value_and_leaves_missing_cells_empty():
         {"mitigation": "hadamard", "spec=w8a8": 10.25, "spec=w4a8": 12.0},
     ]
     assert render(table_rows, columns, "github").splitlines()[3] == "| hadamard     |         | 10.2500 | 12.0000 |"
+
+
+def test_mitigation_grid_puts_ppl_and_delta_in_cells_and_each_mitigations_outliers_beside():
+    outliers = {"max_abs": 1500.0, "mean_kurtosis": 900.0}
+    rows = [
+        row("fp", ppl=10.0, delta_ppl=0.0, outliers=outliers),
+        row("w8a8", ppl=12.5, delta_ppl=2.5),
+        row("fp", "hadamard", ppl=10.0, delta_ppl=0.0, outliers={"max_abs": 40.0, "mean_kurtosis": 3.0}),
+        row("w8a8", "hadamard", ppl=10.25, delta_ppl=0.25),
+    ]
+    table_rows, columns = mitigation_grid(rows)
+    assert list(columns.values()) == ["mitigation", "fp", "w8a8", "max |a| (unquantized)", "mean kurtosis"]
+    assert table_rows == [
+        {"mitigation": "none", "spec=fp": "10.0000", "spec=w8a8": "12.5000 (+2.5000)", "max_abs": 1500.0, "kurtosis": 900.0},
+        {"mitigation": "hadamard", "spec=fp": "10.0000", "spec=w8a8": "10.2500 (+0.2500)", "max_abs": 40.0, "kurtosis": 3.0},
+    ]
 
 
 def test_pivot_refuses_to_hide_a_result_and_says_what_tells_them_apart():

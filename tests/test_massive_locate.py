@@ -230,19 +230,22 @@ def smol_layer_outputs(smollm2, smol_batch):
     """Every decoder layer's output, [layer][sequence] -> [tokens, hidden], from output_hidden_states.
 
     transformers' last hidden state comes after the final norm, so the last
-    layer's raw output is taken from the norm's input with a plain hook.
+    layer's raw output is taken from the norm's input with a plain hook. One
+    sequence per forward, as locate runs them: batching changes the float
+    rounding of the medians in the sixth digit.
     """
     model = smollm2.model
-    final_inputs = []
-    handle = model.model.norm.register_forward_pre_hook(lambda module, args: final_inputs.append(args[0]))
-    try:
-        with torch.no_grad():
-            hidden_states = model(input_ids=smol_batch, output_hidden_states=True).hidden_states
-    finally:
-        handle.remove()
-    outputs = [[hidden[s] for s in range(len(smol_batch))] for hidden in hidden_states[1:-1]]
-    outputs.append([final_inputs[0][s] for s in range(len(smol_batch))])
-    return outputs
+    per_sequence = []
+    for ids in smol_batch:
+        final_inputs = []
+        handle = model.model.norm.register_forward_pre_hook(lambda module, args: final_inputs.append(args[0][0]))
+        try:
+            with torch.no_grad():
+                hidden_states = model(input_ids=ids[None], output_hidden_states=True).hidden_states
+        finally:
+            handle.remove()
+        per_sequence.append([hidden[0] for hidden in hidden_states[1:-1]] + final_inputs)
+    return [list(layer) for layer in zip(*per_sequence)]
 
 
 def test_smollm2_massive_sites_match_hidden_states(smol_report, smol_layer_outputs, smol_batch, smollm2):

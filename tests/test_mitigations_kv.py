@@ -319,3 +319,20 @@ def test_eval_grid_with_kvbias_and_prefixkv(tiny_llama_dir, tiny_text_file):
     expected = float(token_nll(scored, windows.input_ids[:, 1:]).double().mean().exp())
     assert rows["fp mitigation=kvbias:init=bos"]["ppl"] == pytest.approx(expected, rel=1e-5)
     assert rows["fp"]["ppl"] != pytest.approx(expected, rel=1e-3)
+
+    # Outliers of each unquantized row: the largest |a| over the decoder layers' outputs (transformers' last
+    # hidden state is after the final norm, so the last layer's output is the norm's input);
+    # with the kvbias the tokens see BOS's key/value, as if BOS stood in front of them.
+    def largest_hidden(ids, skip):
+        final_inputs = []
+        handle = loaded.model.model.norm.register_forward_pre_hook(lambda module, args: final_inputs.append(args[0]))
+        with torch.no_grad():
+            hidden = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states[1:-1]
+        handle.remove()
+        return max(float(h[:, skip:].abs().max()) for h in (*hidden, final_inputs[0]))
+
+    assert rows["fp"]["outliers"]["max_abs"] == pytest.approx(largest_hidden(windows.input_ids, 0), rel=1e-5)
+    assert rows["fp mitigation=kvbias:init=bos"]["outliers"]["max_abs"] == pytest.approx(
+        largest_hidden(with_bos(loaded, windows.input_ids), 1), rel=1e-5
+    )
+    assert all("outliers" not in row for config, row in rows.items() if not config.startswith("fp"))

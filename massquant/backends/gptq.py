@@ -87,15 +87,20 @@ def _calibration_texts(tokenizer, calibration: torch.Tensor | None) -> list[str]
     return tokenizer.batch_decode(calibration.tolist(), skip_special_tokens=True)
 
 
-def check(loaded, spec) -> tuple[int, list | None]:
-    """Refuse what GPTQ cannot do before any work; returns the group size and per-block module list."""
+def _plan(loaded, spec) -> tuple[int, list, list | None]:
+    """The group size, the selected linears and gptqmodel's per-block module list."""
     group_size = _group_size(spec)
     selected = _selected_linears(loaded.model, spec, group_size)
-    return group_size, _modules_in_block(loaded.model, selected)
+    return group_size, selected, _modules_in_block(loaded.model, selected)
+
+
+def check(loaded, spec) -> None:
+    """Refuse what GPTQ cannot do before any work."""
+    _plan(loaded, spec)
 
 
 def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization:
-    group_size, modules_in_block = check(loaded, spec)
+    group_size, selected, modules_in_block = _plan(loaded, spec)
     texts = _calibration_texts(loaded.tokenizer, calibration)
     config = GPTQConfig(
         bits=spec.weights.bits,

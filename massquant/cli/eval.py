@@ -12,7 +12,7 @@ from massquant.evaluation.tasks import TaskSettings, TaskSuite
 from massquant.variants import check_variant
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.reporting.results import environment
-from massquant.reporting.tables import format_delta, render
+from massquant.reporting.tables import format_delta, mitigation_grid, render
 
 NAME = "eval"
 HELP = "perplexity and lm-eval task scores of the full-precision baseline and each quantized configuration"
@@ -148,6 +148,8 @@ def run(args) -> int:
     if windows:
         table_rows = [{**row, "delta_ppl_text": format_delta(row.get("delta_ppl")), "notes": row_notes(row)} for row in rows]
         tables.append(render(table_rows, COLUMNS, args.table_format))
+        if args.mitigation:
+            tables.append(render(*mitigation_grid(rows), args.table_format))
     if tasks:
         columns = {**TASK_COLUMNS, "interval_text": f"{tasks.settings.confidence:.0%} paired CI of Δ"}
         tables.append(render(task_table_rows(rows), columns, args.table_format))

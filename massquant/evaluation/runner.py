@@ -8,7 +8,11 @@ import torch
 
 from massquant.evaluation.perplexity import TokenWindows, perplexity
 from massquant.evaluation.tasks import TaskSuite, task_deltas
+from massquant.massive.locate import LocateConfig, locate, outlier_summary
 from massquant.variants import Variant, apply_variant
+
+# Windows located per unquantized row: enough for stable maxima and kurtosis, a small fraction of the ppl pass.
+OUTLIER_WINDOWS = 4
 
 
 def evaluate_variant(
@@ -23,6 +27,10 @@ def evaluate_variant(
     try:
         if windows is not None:
             row.update(perplexity(applied.model, windows, batch_size, description=variant.name).as_dict())
+            if variant.spec is None and variant.massive.mode == "none":
+                # What the mitigation did to the outliers, measured where quantization has not touched them.
+                report = locate(applied.model, windows.input_ids[:OUTLIER_WINDOWS], LocateConfig(), progress=False)
+                row["outliers"] = outlier_summary(report)
         if tasks is not None:
             row["tasks"] = tasks.run(applied.model, loaded.tokenizer)
     finally:

@@ -201,7 +201,12 @@ def out_in_weight(module: torch.nn.Module) -> Tensor:
 
 
 def down_projection(model, layer: int) -> torch.nn.Module:
-    return get_path(decoder_layers(model)[layer], architecture_of(model).down_proj)
+    """The module whose weight the down projection applies: a mitigation that wraps the linear (an online
+    Hadamard rotation) exposes it as ``linear``, and only the inner module's input meets that weight."""
+    module = get_path(decoder_layers(model)[layer], architecture_of(model).down_proj)
+    while isinstance(getattr(module, "linear", None), torch.nn.Module):
+        module = module.linear
+    return module
 
 
 def set_super_weights(model, super_weights: list[SuperWeight], values: Callable[[SuperWeight, Tensor], Tensor]) -> Callable[[], None]:

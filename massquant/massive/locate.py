@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from massquant.errors import UserError
 from massquant.massive import MassiveCriteria
-from massquant.massive.intervene import out_in_weight
+from massquant.massive.intervene import down_projection, out_in_weight
 from massquant.massive.sites import MassiveSite, MassiveSites
 from massquant.models.architectures import architecture_of, decoder_layers, get_path
 from massquant.wrapping.attention import PREFIX as ATTENTION_PREFIX
@@ -227,8 +227,7 @@ def keep_largest(peaks: list[Peak], k: int) -> list[Peak]:
 
 
 def down_projections(model) -> list[torch.nn.Module]:
-    path = architecture_of(model).down_proj
-    return [get_path(layer, path) for layer in decoder_layers(model)]
+    return [down_projection(model, index) for index in range(len(decoder_layers(model)))]
 
 
 def run_without_logits(model, input_ids: Tensor) -> None:

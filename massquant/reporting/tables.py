@@ -83,3 +83,23 @@ def pivot(rows: list[dict], row_keys: list[str], col_key: str, value: str) -> tu
         target[column] = row.get(value)
         origins[label + (column,)] = row
     return list(table.values()), columns
+
+
+def mitigation_grid(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """Rows = mitigation (and massive policy where it varies), columns = spec, cells = "ppl (Δ)", then what each
+    mitigation did to the outliers of the unquantized model: largest |a| and mean excess kurtosis."""
+    row_keys = ["mitigation"] + (["massive"] if len({row.get("massive") for row in rows}) > 1 else [])
+    cells = [{**row, "cell": _ppl_with_delta(row)} for row in rows]
+    table, columns = pivot(cells, row_keys, "spec", "cell")
+    outliers = {row.get("mitigation"): row["outliers"] for row in rows if row.get("outliers")}
+    for line in table:
+        summary = outliers.get(line["mitigation"], {})
+        line.update(max_abs=summary.get("max_abs"), kurtosis=summary.get("mean_kurtosis"))
+    return table, {**columns, "max_abs": "max |a| (unquantized)", "kurtosis": "mean kurtosis"}
+
+
+def _ppl_with_delta(row: dict) -> str | None:
+    if row.get("ppl") is None:
+        return None
+    delta = row.get("delta_ppl")
+    return format_cell(row["ppl"]) + (f" ({format_delta(delta)})" if delta else "")
