@@ -377,6 +377,27 @@ def test_intervene_command_on_a_planted_massive_activation(planted_dir, tiny_tex
     assert abs(rows["mean"]["delta_ppl"]) < 0.01 * abs(rows["zero"]["delta_ppl"])
 
 
+def test_eval_keep_versus_none_in_one_table(planted_dir, tiny_text_file, tmp_path, capsys):
+    """The issue's command: --spec w8a8 --act-granularity tensor --massive none,keep; the table notes what was kept.
+    The linears read the normed stream, where the planted value is about sqrt(hidden) = 5.7: thresholds to match."""
+    from massquant.cli.main import main
+
+    status = main([
+        "eval", "--model", planted_dir, "--data", tiny_text_file, "--seq-len", "32", "--max-tokens", "128",
+        "--spec", "w8a8", "--act-granularity", "tensor", "--massive", "none,keep", "--massive-threshold", "4", "--massive-ratio", "5",
+        "--calib-data", tiny_text_file, "--calib-samples", "2", "--calib-seq-len", "32", "--out", str(tmp_path),
+    ])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    rows = {row["config"]: row for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert list(rows) == ["fp", "w8a8-tensor", "w8a8-tensor massive=keep"]
+    kept = rows["w8a8-tensor massive=keep"]["quantization"]["massive"]
+    assert kept["kept_values"] > 0 and kept["kept_fraction"] == pytest.approx(kept["kept_values"] / kept["inspected_values"])
+    line = next(line for line in captured.out.splitlines() if "massive=keep" in line)
+    assert f"kept {kept['kept_values']} values unquantized" in line
+    assert abs(rows["w8a8-tensor massive=keep"]["delta_ppl"]) < abs(rows["w8a8-tensor"]["delta_ppl"])
+
+
 def test_intervene_rejects_unknown_interventions(planted_dir, capsys):
     from massquant.cli.main import main
 

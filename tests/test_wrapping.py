@@ -50,6 +50,29 @@ def test_w8a8_linear_equals_reference_math(tiny):
         handle.undo()
 
 
+def test_gpt2_conv1d_layers_are_quantized_as_transposed_linears():
+    from tests.test_architectures import tiny_model
+
+    model = tiny_model("gpt2")
+    conv = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(2, 5, conv.nx)
+    handle = quantize_(model, "w8a8")
+    try:
+        assert len(handle.linears) == 4 * len(model.transformer.h)  # c_attn, c_proj, c_fc, mlp.c_proj per block
+        weight = conv.weight.detach().T  # Conv1D stores [in, out]
+        w_scale = weight.abs().amax(dim=1) / 127
+        w_ref = torch.fake_quantize_per_channel_affine(weight, w_scale, torch.zeros(len(w_scale), dtype=torch.int32), 0, -128, 127)
+        rows = x.reshape(-1, x.shape[-1])
+        x_scale = rows.abs().amax(dim=1) / 127
+        x_ref = torch.fake_quantize_per_channel_affine(rows, x_scale, torch.zeros(len(x_scale), dtype=torch.int32), 0, -128, 127)
+        expected = (x_ref @ w_ref.T + conv.bias).reshape(2, 5, -1)
+        with torch.no_grad():
+            assert torch.allclose(model.transformer.h[0].mlp.c_fc(x), expected, atol=1e-5, rtol=1e-5)
+    finally:
+        handle.undo()
+    assert model.transformer.h[0].mlp.c_fc is conv
+
+
 def test_every_spec_is_undone_exactly(tiny, token_ids):
     reference = logits(tiny.model, token_ids)
     calibration = token_ids[:, :16]

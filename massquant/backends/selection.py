@@ -5,12 +5,16 @@ from __future__ import annotations
 import re
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from massquant.errors import UserError
 
 
-def select_linears(model: nn.Module, spec) -> list[tuple[str, nn.Linear]]:
-    """Every ``nn.Linear`` the spec selects, in model order.
+def select_linears(model: nn.Module, spec, types: tuple[type, ...] = (nn.Linear,)) -> list[tuple[str, nn.Module]]:
+    """Every linear layer of ``types`` the spec selects, in model order.
+
+    Real backends replace ``nn.Linear`` only; fake quantization also takes
+    GPT-2's ``Conv1D`` (a linear layer storing its weight as [in, out]).
 
     The output embedding stays in full precision unless ``spec.quantize_lm_head``;
     ``spec.include`` (when non-empty) keeps names matching any regex, ``spec.exclude``
@@ -20,7 +24,7 @@ def select_linears(model: nn.Module, spec) -> list[tuple[str, nn.Linear]]:
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     selected = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, types):
             continue
         if module is output_embeddings and not spec.quantize_lm_head:
             continue
@@ -29,6 +33,10 @@ def select_linears(model: nn.Module, spec) -> list[tuple[str, nn.Linear]]:
         if any(re.search(pattern, name) for pattern in spec.exclude):
             continue
         selected.append((name, module))
+    if not selected and types == (nn.Linear,) and any(isinstance(m, Conv1D) for m in model.modules()):
+        raise UserError(
+            f"spec '{spec.name}': this model's linear layers are GPT-2-style Conv1D, which only --backend fake quantizes"
+        )
     if not selected:
         raise UserError(
             f"spec '{spec.name}' selects no linear layer (include={list(spec.include)}, exclude={list(spec.exclude)}); "

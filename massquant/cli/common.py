@@ -17,7 +17,7 @@ from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES, PerplexityConfig
 from massquant.quantizers.formats import FORMATS
-from massquant.quantizers.spec import ACTIVATION_GRANULARITIES, KV_GRANULARITIES, QuantSpec, spec_text_from_flags
+from massquant.quantizers.spec import ACTIVATION_GRANULARITIES, KV_GRANULARITIES, QuantSpec, spec_text_from_flags, with_granularity
 from massquant.models.loading import ATTENTION_IMPLEMENTATIONS, DEFAULT_MODEL, DEVICES, DTYPES, MODEL_ALIASES, ModelConfig
 from massquant.reporting.results import ensure_writable_dir, to_json, write_json_atomic
 from massquant.reporting.tables import TABLE_FORMATS
@@ -160,7 +160,18 @@ def quant_specs(args) -> list[QuantSpec]:
     )
     if from_flags:
         texts.append(from_flags)
-    return grid.parse_specs(texts, args.backend or ["fake"], **settings)
+    specs = grid.parse_specs(texts, args.backend or ["fake"], **settings)
+    # The granularity flags also apply to the --spec specs: `--spec w8a8 --act-granularity tensor` is w8a8-tensor.
+    for target, granularity, flag, example in (
+        ("a", args.act_granularity, "--act-granularity", "--spec w8a8 or --act-bits 8"),
+        ("kv", args.kv_granularity, "--kv-granularity", "--spec w8kv8 or --kv-bits 8"),
+    ):
+        if granularity is None:
+            continue
+        if not any(spec.part(target) for spec in specs):
+            raise UserError(f"{flag} {granularity} needs a spec that quantizes that tensor ({example})")
+        specs = [with_granularity(spec, target, granularity) for spec in specs]
+    return specs
 
 
 def add_variant_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,10 +27,14 @@ COLUMNS = {
 
 
 def row_notes(row: dict) -> str:
-    """What a reader must know to trust the number: broken windows and where they broke."""
-    if not row.get("non_finite_windows"):
-        return ""
-    return f"{row['non_finite_windows']}/{row['windows']} windows non-finite, first in {row['first_non_finite']}"
+    """What a reader must know to read the number: broken windows and where they broke; values kept unquantized."""
+    notes = []
+    if row.get("non_finite_windows"):
+        notes.append(f"{row['non_finite_windows']}/{row['windows']} windows non-finite, first in {row['first_non_finite']}")
+    massive = (row.get("quantization") or {}).get("massive") or {}
+    if "kept_values" in massive:
+        notes.append(f"kept {massive['kept_values']} values unquantized ({massive['kept_fraction']:.1e} of linear inputs)")
+    return "; ".join(notes)
 
 
 TASK_COLUMNS = {

@@ -27,6 +27,7 @@ KV_GRANULARITIES = ("tensor", "token", "head", "group")
 GRANULARITIES_BY_TARGET = {"w": WEIGHT_GRANULARITIES, "a": ACTIVATION_GRANULARITIES, "kv": KV_GRANULARITIES}
 BACKEND_ONLY_FORMATS = {"nf4": "normal-float 4-bit (bitsandbytes)", "fp4": "float 4-bit (bitsandbytes)"}
 DEFAULT_4BIT_GROUP = 128
+_PART_FIELDS = {"w": "weights", "a": "activations", "kv": "kv_cache"}
 _FORMAT_ALIASES = {"fp8": "fp8_e4m3", "fp8e4m3": "fp8_e4m3", "fp8e5m2": "fp8_e5m2", "e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2"}
 _PART = re.compile(
     r"(?P<target>kv|w|a)"
@@ -94,6 +95,10 @@ class QuantSpec:
     @property
     def is_identity(self) -> bool:
         return self.weights is None and self.activations is None and self.kv_cache is None
+
+    def part(self, target: str) -> TensorQuantSpec | None:
+        """The part for a spec-string target: ``"w"``, ``"a"`` or ``"kv"``."""
+        return getattr(self, _PART_FIELDS[target])
 
 
 def default_part(target: str, fmt: str, bits: int) -> TensorQuantSpec:
@@ -172,6 +177,16 @@ def validate_part(part: TensorQuantSpec, target: str, context: str) -> TensorQua
             f"valid: {', '.join(GRANULARITIES_BY_TARGET[target])}"
         )
     return part
+
+
+def with_granularity(spec: QuantSpec, target: str, granularity: str) -> QuantSpec:
+    """``spec`` with the scales of its ``target`` part (``"a"`` or ``"kv"``) at ``granularity``; an absent part stays absent."""
+    part = spec.part(target)
+    if part is None:
+        return spec
+    context = f"spec '{spec.name}' with {target} granularity {granularity}"
+    part = validate_part(_apply_modifiers(part, [granularity], target, context), target, context)
+    return replace(spec, **{_PART_FIELDS[target]: part})
 
 
 def parse_spec(text: str, **settings) -> QuantSpec:

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from massquant.backends.selection import select_linears, set_module
 from massquant.errors import UserError
@@ -18,6 +20,9 @@ from massquant.models.architectures import architecture_of, decoder_layers, get_
 from massquant.quantizers.spec import QuantSpec, parse_spec
 from massquant.wrapping.attention import attach_kv_transform
 from massquant.wrapping.modules import KVQuantizer, QuantLinear, RangeObserver
+
+# QuantLinear reads GPT-2's Conv1D weight transposed, so simulated quantization covers it too.
+QUANTIZABLE_TYPES = (nn.Linear, Conv1D)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class QuantizationHandle:
 
 def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None:
     originals = []
-    for name, module in tqdm(select_linears(model, spec), desc=f"quantizing {spec.name}", unit="linear", leave=False):
+    for name, module in tqdm(select_linears(model, spec, QUANTIZABLE_TYPES), desc=f"quantizing {spec.name}", unit="linear", leave=False):
         quantized = QuantLinear(module, spec.weights, spec.activations)
         set_module(model, name, quantized)
         handle.linears[name] = quantized
