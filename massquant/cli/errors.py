@@ -69,7 +69,7 @@ def run(args) -> int:
     rows = layer_errors(loaded.model, spec, batch)
     payload = {
         "command": "errors",
-        "model": {"reference": model_config.model, "source": loaded.source, "fingerprint": loaded.fingerprint, **vars(model_config)},
+        "model": loaded.record(),
         "spec": spec.name,
         "data": {"data": args.data, "samples": args.samples, "seq_len": args.seq_len},
         "seed": args.seed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from massquant.cli import common
 from massquant.errors import UserError
 from massquant.data.calibration import calibration_batch
-from massquant.data.text import load_text, text_fingerprint
+from massquant.data.text import load_text
 from massquant.evaluation.perplexity import build_windows
 from massquant.evaluation.runner import evaluate_variants
 from massquant.evaluation.tasks import TaskSettings, TaskSuite
@@ -128,14 +128,8 @@ def run(args) -> int:
         )
     payload = {
         "command": "eval",
-        "model": {"reference": model_config.model, "source": loaded.source, "fingerprint": loaded.fingerprint, **vars(model_config)},
-        "data": {
-            **vars(ppl_config),
-            "seq_len": windows.input_ids.shape[1],
-            "bos_token_id": windows.bos_token_id,
-            "text_fingerprint": text_fingerprint(text),
-            "text_tokens": windows.text_tokens,
-        } if windows else None,
+        "model": loaded.record(),
+        "data": windows.record(ppl_config, text) if windows else None,
         "tasks": tasks.settings.as_dict() if tasks else None,
         "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_len": args.calib_seq_len} if calibration is not None else None,
         "seed": args.seed,

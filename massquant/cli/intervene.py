@@ -7,7 +7,7 @@ import sys
 
 from massquant.cli import common
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
-from massquant.data.text import load_text, text_fingerprint
+from massquant.data.text import load_text
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import build_windows, perplexity
 from massquant.massive import DETECTION_MODES, MassiveCriteria
@@ -89,14 +89,8 @@ def run(args) -> int:
     means = mean_tables(sites, model.config.hidden_size)
     payload = {
         "command": "intervene",
-        "model": {"reference": model_config.model, "source": loaded.source, "fingerprint": loaded.fingerprint, **vars(model_config)},
-        "data": {
-            **vars(ppl_config),
-            "seq_len": windows.input_ids.shape[1],
-            "bos_token_id": windows.bos_token_id,
-            "text_fingerprint": text_fingerprint(text),
-            "text_tokens": windows.text_tokens,
-        },
+        "model": loaded.record(),
+        "data": windows.record(ppl_config, text),
         "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_len": args.calib_seq_len},
         "detection": args.massive_detection,
         "criteria": vars(criteria),

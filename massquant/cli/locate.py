@@ -185,7 +185,7 @@ def run(args) -> int:
     layer = heatmap_layer(args.layer, report)
     payload = {
         "command": "locate",
-        "model": {"reference": model_config.model, "source": loaded.source, "fingerprint": loaded.fingerprint, **vars(model_config)},
+        "model": loaded.record(),
         "data": {"data": args.data, "n_seqs": args.n_seqs, "seq_len": args.seq_len, "bos": args.bos, "bos_prepended": bos},
         "seed": args.seed,
         "environment": environment(),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from massquant.data.text import text_fingerprint
 from massquant.errors import UserError
 from massquant.evaluation.numerics import first_non_finite_module
 
@@ -52,6 +53,16 @@ class TokenWindows:
     @property
     def scored_tokens(self) -> int:
         return int((self.input_ids.shape[1] - self.first_scored).sum())
+
+    def record(self, config: "PerplexityConfig", text: str) -> dict:
+        """What a results file says about the text and windows: the settings, what they came to, the text's hash."""
+        return {
+            **vars(config),
+            "seq_len": self.input_ids.shape[1],
+            "bos_token_id": self.bos_token_id,
+            "text_fingerprint": text_fingerprint(text),
+            "text_tokens": self.text_tokens,
+        }
 
 
 @dataclass

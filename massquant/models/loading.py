@@ -85,6 +85,10 @@ class LoadedModel:
     fingerprint: str  # content hash of the weights, for reproducibility records
     extra: dict = field(default_factory=dict)
 
+    def record(self) -> dict:
+        """What a results file says about the model: the reference asked for, what was opened, its weights' hash, settings."""
+        return {"reference": self.config.model, "source": self.source, "fingerprint": self.fingerprint, **vars(self.config)}
+
 
 @dataclass(frozen=True)
 class _Resolved:

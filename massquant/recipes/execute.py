@@ -102,7 +102,7 @@ def measure_cell(session: _ModelSession, cell: Cell, key: str, recipe_name: str,
         "key": key,
         "recipe": recipe_name,
         "identity": identity,
-        "model": {"reference": cell.model.model, "source": loaded.source, "fingerprint": loaded.fingerprint, **vars(cell.model)},
+        "model": loaded.record(),
         "data": {
             **identity["data"],
             "seq_len": windows.input_ids.shape[1] if windows is not None else None,
