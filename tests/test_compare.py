@@ -88,6 +88,34 @@ def test_task_metrics_become_values_with_deltas():
     assert table_rows == [{"model": "m", "spec=fp": 0.0, "spec=w4a8": pytest.approx(-0.075)}] and signed == {"spec=fp", "spec=w4a8"}
 
 
+def train_result(directory, mitigation, after_ppl):
+    """A massquant train results.json: rows before (shared by every run of the model), after surgery, after training."""
+    def stage_rows(stage, label, fp, quantized):
+        return [{"config": "fp", "spec": "fp", "massive": "none", "mitigation": label, "stage": stage, "ppl": fp},
+                {"config": "w8a8", "spec": "w8a8", "massive": "none", "mitigation": label, "stage": stage, "ppl": quantized}]
+
+    rows = stage_rows("before", "none", 20.0, 40.0) + stage_rows("surgery", mitigation, 25.0, 45.0)[:1] + stage_rows("after", mitigation, *after_ppl)
+    payload = {"command": "train", "model": {"reference": "m"}, "eval_data": {"data": "d", "seq_len": 8, "max_tokens": 64, "bos": "auto"},
+               "mitigation": mitigation, "rows": rows}
+    directory.mkdir()
+    (directory / "results.json").write_text(json.dumps(payload))
+    return str(directory)
+
+
+def test_training_runs_compare_in_one_grid_with_their_shared_baseline_once(tmp_path, capsys):
+    runs = [train_result(tmp_path / "tvr", "tvr", (21.0, 30.0)), train_result(tmp_path / "dyt", "dyt", (22.0, 24.0))]
+    assert main(["compare", *runs, "--rows", "mitigation,stage", "--cols", "spec", "--value", "delta_ppl", "--table-format", "csv"]) == 0
+    printed = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert printed == [
+        ["mitigation", "stage", "fp", "w8a8"],
+        ["none", "before", "0.0", "20.0"],
+        ["tvr", "surgery", "5.0", ""],
+        ["tvr", "after", "1.0", "10.0"],
+        ["dyt", "surgery", "5.0", ""],
+        ["dyt", "after", "2.0", "4.0"],
+    ]
+
+
 def test_view_errors_list_what_is_accepted():
     rows = add_deltas([row("fp"), row("w8a8")])
     with pytest.raises(UserError, match="unknown row/column key 'quant'; accepted: model, dtype, data"):
@@ -151,7 +179,7 @@ def test_compare_writes_markdown_csv_latex_and_a_delta_chart(measured, tmp_path,
 
 def test_compare_rejects_paths_without_results(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
-    for path, message in [(tmp_path / "empty", "no results at"), (tmp_path / "other.json", "is not a massquant eval or run result")]:
+    for path, message in [(tmp_path / "empty", "no results at"), (tmp_path / "other.json", "is not a massquant eval, train or run result")]:
         path.parent.mkdir(exist_ok=True)
         assert main(["compare", str(path)]) == 2
         error = capsys.readouterr().err

@@ -17,9 +17,12 @@ OUTLIER_WINDOWS = 4
 
 def evaluate_variant(
     loaded, variant: Variant, windows: TokenWindows | None, calibration: torch.Tensor | None, batch_size: int = 1,
-    tasks: TaskSuite | None = None,
+    tasks: TaskSuite | None = None, outlier_windows: int = OUTLIER_WINDOWS,
 ) -> dict:
-    """Apply ``variant``, measure it (perplexity, lm-eval tasks), undo it. The row holds everything that describes the variant."""
+    """Apply ``variant``, measure it (perplexity, lm-eval tasks), undo it. The row holds everything that describes the variant.
+
+    An unquantized row also gets ``outliers``: ``locate`` on its first ``outlier_windows`` windows (0: not measured).
+    """
     started = time.perf_counter()
     applied = apply_variant(loaded, variant, calibration)
     setup_seconds = time.perf_counter() - started
@@ -27,9 +30,9 @@ def evaluate_variant(
     try:
         if windows is not None:
             row.update(perplexity(applied.model, windows, batch_size, description=variant.name).as_dict())
-            if variant.spec is None and variant.massive.mode == "none":
+            if variant.spec is None and variant.massive.mode == "none" and outlier_windows:
                 # What the mitigation did to the outliers, measured where quantization has not touched them.
-                report = locate(applied.model, windows.input_ids[:OUTLIER_WINDOWS], LocateConfig(), progress=False)
+                report = locate(applied.model, windows.input_ids[:outlier_windows], LocateConfig(), progress=False)
                 row["outliers"] = outlier_summary(report)
         if tasks is not None:
             row["tasks"] = tasks.run(applied.model, loaded.tokenizer)

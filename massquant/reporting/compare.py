@@ -1,9 +1,12 @@
 """Saved results as one list of rows, and the table views drawn from them (``massquant run`` and ``compare``).
 
-Both ``massquant eval`` results.json files and ``massquant run`` directories
-hold rows; here they get the same fields (model, data, window settings, then
-the variant and its numbers), and every Δ is recomputed against the baseline
-of its own group (same model, text and windows), wherever that baseline came from.
+``massquant eval`` and ``massquant train`` results.json files and ``massquant run``
+directories hold rows; here they get the same fields (model, data, window
+settings, then the variant and its numbers), and every Δ is recomputed against
+the baseline of its own group (same model, text and windows), wherever that
+baseline came from. A training run's rows carry their ``stage`` (before,
+surgery, after): with several runs of one model, the shared ``before`` rows
+are the same measurement and are shown once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from massquant.evaluation.tasks import TaskSettings, task_deltas
 from massquant.reporting.tables import pivot
 
 GROUP_KEYS = ("model", "dtype", "data", "seq_len", "max_tokens", "stride", "bos")  # rows sharing these share a baseline
-VARIANT_KEYS = ("mitigation", "massive", "spec")  # spec names carry their backend (w8@bnb)
+VARIANT_KEYS = ("mitigation", "massive", "spec", "stage")  # spec names carry their backend (w8@bnb); stage: train runs
 ROW_KEYS = GROUP_KEYS + VARIANT_KEYS + ("config", "backend", "source")  # what --rows / --cols accept
 BASE_METRICS = ("ppl", "mean_nll")
 PERPLEXITY_VALUES = BASE_METRICS + ("delta_ppl", "delta_mean_nll", "tokens", "windows", "seconds", "setup_seconds")
@@ -38,8 +41,8 @@ def results_file(path: str | Path) -> Path:
 
 
 def _eval_rows(payload: dict) -> list[dict]:
-    """``massquant eval`` keeps model and text once per file; each row gets them here."""
-    model, data = payload.get("model") or {}, payload.get("data") or {}
+    """``massquant eval`` and ``train`` keep model and text once per file; each row gets them here."""
+    model, data = payload.get("model") or {}, payload.get("data") or payload.get("eval_data") or {}
     where = {
         "model": model.get("reference"),
         "dtype": model.get("dtype"),
@@ -55,8 +58,8 @@ def load_payload(path: str | Path) -> dict:
         payload = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read results '{file}': {error}") from None
-    if not isinstance(payload, dict) or payload.get("command") not in ("eval", "run"):
-        raise UserError(f"'{file}' is not a massquant eval or run result (no 'command': eval|run)")
+    if not isinstance(payload, dict) or payload.get("command") not in ("eval", "run", "train"):
+        raise UserError(f"'{file}' is not a massquant eval, train or run result (no 'command': eval|train|run)")
     return payload
 
 
@@ -108,9 +111,22 @@ def add_deltas(rows: list[dict], task_settings: TaskSettings | None = None) -> l
     return rows
 
 
+def distinct_measurements(rows: list[dict]) -> list[dict]:
+    """Rows in order; a training run's ``before`` row met again (same model, text, spec and perplexity) is left out:
+    every run of a model measures the model as loaded."""
+    seen, kept = set(), []
+    for row in rows:
+        key = json.dumps([row.get(name) for name in (*GROUP_KEYS, *VARIANT_KEYS, "ppl")], default=str)
+        if row.get("stage") == "before" and key in seen:
+            continue
+        seen.add(key)
+        kept.append(row)
+    return kept
+
+
 def load_rows(paths: list[str | Path]) -> list[dict]:
     rows = [row for path in paths for row in rows_of(load_payload(path), str(path))]
-    return add_deltas(rows)
+    return add_deltas(distinct_measurements(rows))
 
 
 @dataclass

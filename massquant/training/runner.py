@@ -20,7 +20,6 @@ from massquant.data.text import load_text, text_fingerprint
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig, build_windows
 from massquant.evaluation.runner import evaluate_variant
-from massquant.massive.locate import locate, outlier_summary
 from massquant.mitigations import check_applicable, get_mitigation, variant_label
 from massquant.models.loading import DTYPES, LoadedModel, load_model, max_sequence_length, resolve_reference
 from massquant.quantizers.spec import parse_spec
@@ -90,15 +89,16 @@ class TrainingRun:
     # -- evaluation -------------------------------------------------------------------------------
 
     def evaluate(self, stage: str, loaded: LoadedModel, windows, calibration, specs) -> None:
+        """Perplexity of the unquantized model and each spec; the mitigation is in the model from ``surgery`` on."""
         settings = self.recipe.eval
-        rows = [evaluate_variant(loaded, Variant(spec), windows, calibration, settings.batch_size) for spec in [None, *specs]]
+        located = settings.locate_sequences if settings.locate else 0
+        rows = [evaluate_variant(loaded, Variant(spec), windows, calibration, settings.batch_size, outlier_windows=located) for spec in [None, *specs]]
         for row in rows:
-            row["stage"] = stage
+            row.update(stage=stage, mitigation=self.payload["mitigation"] if stage != "before" else "none")
             row["delta_ppl"] = row["ppl"] - rows[0]["ppl"]
         self.payload["rows"].extend(rows)
-        if settings.locate:
-            report = locate(loaded.model, windows.input_ids[: settings.locate_sequences], tokenizer=loaded.tokenizer, progress=False)
-            self.payload["massive"][stage] = outlier_summary(report)
+        if located:
+            self.payload["massive"][stage] = rows[0]["outliers"]
         self.save()
 
     def _needs_calibration(self) -> bool:
