@@ -91,7 +91,8 @@ def test_task_metrics_become_values_with_deltas():
 def train_result(directory, mitigation, after_ppl):
     """A massquant train results.json: rows before (shared by every run of the model), after surgery, after training."""
     def stage_rows(stage, label, fp, quantized):
-        return [{"config": "fp", "spec": "fp", "massive": "none", "mitigation": label, "stage": stage, "ppl": fp},
+        outliers = {"max_abs": 10 * fp, "mean_kurtosis": fp / 2}
+        return [{"config": "fp", "spec": "fp", "massive": "none", "mitigation": label, "stage": stage, "ppl": fp, "outliers": outliers},
                 {"config": "w8a8", "spec": "w8a8", "massive": "none", "mitigation": label, "stage": stage, "ppl": quantized}]
 
     rows = stage_rows("before", "none", 20.0, 40.0) + stage_rows("surgery", mitigation, 25.0, 45.0)[:1] + stage_rows("after", mitigation, *after_ppl)
@@ -114,6 +115,8 @@ def test_training_runs_compare_in_one_grid_with_their_shared_baseline_once(tmp_p
         ["dyt", "surgery", "5.0", ""],
         ["dyt", "after", "2.0", "4.0"],
     ]
+    assert main(["compare", *runs, "--rows", "mitigation,stage", "--cols", "spec", "--value", "max_abs", "--table-format", "csv"]) == 0
+    assert [line[2] for line in csv.reader(io.StringIO(capsys.readouterr().out))] == ["fp", "200.0", "250.0", "210.0", "250.0", "220.0"]
 
 
 def test_view_errors_list_what_is_accepted():

@@ -72,9 +72,15 @@ def task_metrics(row: dict) -> dict[str, float]:
     }
 
 
+def outlier_values(row: dict) -> dict[str, float]:
+    """An unquantized row's outlier summary as values to tabulate: ``max_abs`` and ``kurtosis`` (mean excess)."""
+    summary = row.get("outliers") or {}
+    return {"max_abs": summary["max_abs"], "kurtosis": summary["mean_kurtosis"]} if summary else {}
+
+
 def rows_of(payload: dict, source: str) -> list[dict]:
     rows = payload["rows"] if payload["command"] == "run" else _eval_rows(payload)
-    return [{**row, **task_metrics(row), "source": source} for row in rows]
+    return [{**row, **task_metrics(row), **outlier_values(row), "source": source} for row in rows]
 
 
 def is_baseline(row: dict) -> bool:
