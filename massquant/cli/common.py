@@ -12,13 +12,13 @@ from massquant.backends import BACKENDS
 from massquant.massive import DETECTION_MODES, MASSIVE_POLICIES, MassiveCriteria, MassivePolicy
 from massquant.recipes import grid
 from massquant.variants import Variant
-from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT
+from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
 from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES, PerplexityConfig
 from massquant.quantizers.formats import FORMATS
 from massquant.quantizers.spec import ACTIVATION_GRANULARITIES, KV_GRANULARITIES, QuantSpec, spec_text_from_flags, with_granularity
-from massquant.models.loading import ATTENTION_IMPLEMENTATIONS, DEFAULT_MODEL, DEVICES, DTYPES, MODEL_ALIASES, ModelConfig
+from massquant.models.loading import ATTENTION_IMPLEMENTATIONS, DEFAULT_MODEL, DEVICES, DTYPES, MODEL_ALIASES, ModelConfig, max_sequence_length
 from massquant.reporting.results import ensure_writable_dir, to_json, write_json_atomic
 from massquant.reporting.tables import TABLE_FORMATS
 
@@ -56,12 +56,33 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("text and windows")
+def add_text_argument(group) -> None:
     group.add_argument(
         "--data", default=DEFAULT_TEXT,
         help=f"a corpus ({', '.join(TEXT_SOURCES)}) or a path to a UTF-8 text file (default: {DEFAULT_TEXT})",
     )
+
+
+def add_sampled_sequence_arguments(parser: argparse.ArgumentParser, title: str, count_flag: str, count: int):
+    """--data, the count flag and --seq-len of commands that run random sequences of a text (locate, errors)."""
+    group = parser.add_argument_group(title)
+    add_text_argument(group)
+    group.add_argument(count_flag, type=positive_int, default=count, help=f"random sequences of the text (default: {count})")
+    group.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence (default: 512)")
+    return group
+
+
+def sampled_sequences(args, loaded, count: int, bos: bool = True) -> torch.Tensor:
+    """``count`` random sequences of ``--seq-len`` tokens of ``--data``, refused when longer than the model allows."""
+    longest = max_sequence_length(loaded.model)
+    if longest is not None and args.seq_len > longest:
+        raise UserError(f"--seq-len {args.seq_len} is longer than the model's maximum of {longest} tokens")
+    return calibration_batch(loaded.tokenizer, args.data, count, args.seq_len, args.seed, bos=bos)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("text and windows")
+    add_text_argument(group)
     group.add_argument("--seq-len", type=positive_int, help="tokens per window (default: 2048 or the model's maximum, whichever is smaller)")
     group.add_argument("--stride", type=positive_int, help="sliding-window stride; each window scores only its new tokens (default: non-overlapping windows)")
     group.add_argument("--max-tokens", type=positive_int, help="use only the first N tokens of the text")

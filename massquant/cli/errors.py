@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from massquant.cli import common
-from massquant.data.calibration import calibration_batch
-from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
 from massquant.errors import UserError
 from massquant.evaluation.layer_errors import check_measurable, layer_errors
-from massquant.models.loading import load_model, max_sequence_length
+from massquant.models.loading import load_model
 from massquant.reporting.results import environment
 from massquant.reporting.tables import render
 
@@ -24,13 +22,7 @@ COLUMNS = {
 
 def add_arguments(parser) -> None:
     common.add_model_arguments(parser)
-    group = parser.add_argument_group("input sequences")
-    group.add_argument(
-        "--data", default=DEFAULT_TEXT,
-        help=f"a corpus ({', '.join(TEXT_SOURCES)}) or a path to a UTF-8 text file (default: {DEFAULT_TEXT})",
-    )
-    group.add_argument("--samples", type=common.positive_int, default=4, help="random sequences of the text (default: 4)")
-    group.add_argument("--seq-len", type=common.positive_int, default=512, help="tokens per sequence (default: 512)")
+    group = common.add_sampled_sequence_arguments(parser, "input sequences", "--samples", 4)
     group.add_argument(
         "--top", type=common.positive_int, metavar="N",
         help="print only the N layers with the largest relative output error, worst first (the JSON keeps every layer)",
@@ -62,10 +54,7 @@ def run(args) -> int:
     spec = single_spec(args)
     common.seed_everything(args.seed)
     loaded = load_model(model_config)
-    longest = max_sequence_length(loaded.model)
-    if longest is not None and args.seq_len > longest:
-        raise UserError(f"--seq-len {args.seq_len} is longer than the model's maximum of {longest} tokens")
-    batch = calibration_batch(loaded.tokenizer, args.data, args.samples, args.seq_len, args.seed)
+    batch = common.sampled_sequences(args, loaded, args.samples)
     rows = layer_errors(loaded.model, spec, batch)
     payload = {
         "command": "errors",

@@ -6,15 +6,13 @@ import sys
 from dataclasses import replace
 
 from massquant.cli import common
-from massquant.data.calibration import calibration_batch
-from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES, _bos_to_prepend
 from massquant.massive import MassiveCriteria
 from massquant.massive.locate import LocateConfig, attention_probabilities_available, layer_output, locate
 from massquant.massive.plots import write_plots
 from massquant.models.architectures import decoder_layers
-from massquant.models.loading import load_model, max_sequence_length
+from massquant.models.loading import load_model
 from massquant.reporting.results import environment
 from massquant.reporting.tables import render
 
@@ -65,13 +63,7 @@ TOKEN_COLUMNS = {
 
 def add_arguments(parser) -> None:
     common.add_model_arguments(parser)
-    group = parser.add_argument_group("sequences")
-    group.add_argument(
-        "--data", default=DEFAULT_TEXT,
-        help=f"a corpus ({', '.join(TEXT_SOURCES)}) or a path to a UTF-8 text file (default: {DEFAULT_TEXT})",
-    )
-    group.add_argument("--n-seqs", type=common.positive_int, default=8, help="random sequences of the text (default: 8)")
-    group.add_argument("--seq-len", type=common.positive_int, default=512, help="tokens per sequence (default: 512)")
+    group = common.add_sampled_sequence_arguments(parser, "sequences", "--n-seqs", 8)
     group.add_argument(
         "--bos", default="auto", choices=BOS_POLICIES,
         help="prepend BOS to each sequence: auto (when the tokenizer has one), always, never (default: auto)",
@@ -176,11 +168,8 @@ def run(args) -> int:
               "no attention-sink plot (load it with --attn eager for one)", file=sys.stderr)
     config = replace(config, attention_sink=plots and attention_probabilities_available(loaded.model))
     check_layer(args.layer, loaded.model)
-    longest = max_sequence_length(loaded.model)
-    if longest is not None and args.seq_len > longest:
-        raise UserError(f"--seq-len {args.seq_len} is longer than the model's maximum of {longest} tokens")
     bos = _bos_to_prepend(loaded.tokenizer, args.bos) is not None
-    batch = calibration_batch(loaded.tokenizer, args.data, args.n_seqs, args.seq_len, args.seed, bos=bos)
+    batch = common.sampled_sequences(args, loaded, args.n_seqs, bos)
     report = locate(loaded.model, batch, config, tokenizer=loaded.tokenizer)
     layer = heatmap_layer(args.layer, report)
     payload = {
