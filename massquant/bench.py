@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import gc
 import math
 import re
 import os
@@ -439,7 +440,13 @@ def _status_bytes(key: str) -> int:
 
 
 def extra_peak_bytes(run: Callable[[], object]) -> int:
-    """Resident memory a call adds at its peak: VmHWM after it, reset to the resident size before it."""
+    """Resident memory a call adds at its peak: VmHWM after it, reset to the resident size before it.
+
+    Garbage is collected and glibc's free heap returned to the system first:
+    cycles freed inside the call, or free pages already resident, would
+    offset what the call allocates."""
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
     before = _status_bytes("VmRSS")
     run()

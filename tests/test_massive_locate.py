@@ -43,10 +43,15 @@ def sample_tensors():
     half_zero[:, :5] = 0
     massive = torch.randn(64, 96, generator=generator)
     massive[0, 7], massive[12, 40] = 2.5e4, -1.9e3
-    return {"plain": plain, "ties": ties, "half_zero": half_zero, "massive": massive, "pair": torch.tensor([[3.0, -1.0]])}
+    # more values than one chunk of the sliced statistics, the massive ones in different chunks
+    chunked = torch.randn(700, 1000, generator=generator)
+    chunked[0, 3], chunked[650, 999] = 3e4, -2e3
+    return {
+        "plain": plain, "ties": ties, "half_zero": half_zero, "massive": massive, "pair": torch.tensor([[3.0, -1.0]]), "chunked": chunked,
+    }
 
 
-@pytest.mark.parametrize("kind", ["plain", "ties", "half_zero", "massive", "pair"])
+@pytest.mark.parametrize("kind", ["plain", "ties", "half_zero", "massive", "pair", "chunked"])
 def test_median_magnitude_is_torch_median_of_the_magnitudes(kind):
     x = sample_tensors()[kind]
     assert median_magnitude(x) == float(x.abs().median())
@@ -78,6 +83,8 @@ def test_excess_kurtosis_pools_power_sums_over_tensors():
     first, second = tensors["massive"], tensors["plain"] * 5 + 1
     pooled = [a + b for a, b in zip(power_sums(first), power_sums(second))]
     assert excess_kurtosis(pooled) == pytest.approx(reference_kurtosis(torch.cat([first.flatten(), second.flatten()])), rel=1e-4)
+    chunked = tensors["chunked"]
+    assert excess_kurtosis(power_sums(chunked)) == pytest.approx(reference_kurtosis(chunked.flatten()), rel=1e-4)
     gaussian = torch.randn(400, 500, generator=torch.Generator().manual_seed(1))
     assert abs(excess_kurtosis(power_sums(gaussian))) < 0.05
 

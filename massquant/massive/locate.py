@@ -14,8 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections import Counter
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -141,6 +140,22 @@ def largest(x: Tensor, row_maxima: Tensor, k: int) -> tuple[list[float], list[in
     return x[positions, channels].tolist(), positions.tolist(), channels.tolist()
 
 
+# Statistics over a whole tensor run over slices of this many values, so a hook's temporaries stay
+# about 1 MiB instead of the size of the tensor (locate must cost next to nothing in memory).
+CHUNK_VALUES = 1 << 18
+
+
+def _chunks(x: Tensor) -> tuple[Tensor, ...]:
+    return x.reshape(-1).split(CHUNK_VALUES)
+
+
+def _magnitude_buckets(chunk: Tensor) -> Tensor:
+    """The upper 15 bits of each float32's magnitude: a bucket index that orders like |chunk|."""
+    buckets = chunk.view(torch.int32) & 0x7FFFFFFF
+    buckets >>= 16
+    return buckets
+
+
 def median_magnitude(x: Tensor) -> float:
     """``torch.median(x.abs())`` (the lower median) of a float32 tensor, by radix selection.
 
@@ -150,14 +165,16 @@ def median_magnitude(x: Tensor) -> float:
     only that bucket's values (about 1% of them) are then ranked. About 4x
     faster than ``torch.median``, whose selection runs on one thread over a copy.
     """
-    flat = x.reshape(-1)
-    rank = (flat.numel() - 1) // 2
-    buckets = flat.view(torch.int32) & 0x7FFFFFFF
-    buckets >>= 16
-    cumulative = torch.bincount(buckets, minlength=1 << 15).cumsum(0)
+    chunks = _chunks(x)
+    rank = (x.numel() - 1) // 2
+    counts = torch.zeros(1 << 15, dtype=torch.int64, device=x.device)
+    for chunk in chunks:
+        counts += torch.bincount(_magnitude_buckets(chunk), minlength=1 << 15)
+    cumulative = counts.cumsum(0)
     bucket = int(torch.searchsorted(cumulative, rank, right=True))
     below = int(cumulative[bucket - 1]) if bucket else 0
-    return float(flat[buckets == bucket].abs().kthvalue(rank - below + 1).values)
+    in_bucket = torch.cat([chunk[_magnitude_buckets(chunk) == bucket] for chunk in chunks])
+    return float(in_bucket.abs().kthvalue(rank - below + 1).values)
 
 
 def entries_above(x: Tensor, row_maxima: Tensor, cutoff: float) -> tuple[list[float], list[int], list[int]]:
@@ -170,10 +187,13 @@ def entries_above(x: Tensor, row_maxima: Tensor, cutoff: float) -> tuple[list[fl
 
 
 def power_sums(x: Tensor) -> list[float]:
-    """[count, Σx, Σx², Σx³, Σx⁴]: enough to pool moments over sequences (dot products: one temporary)."""
-    flat = x.reshape(-1)
-    squares = flat * flat
-    return [flat.numel(), float(flat.sum()), float(flat @ flat), float(squares @ flat), float(squares @ squares)]
+    """[count, Σx, Σx², Σx³, Σx⁴]: enough to pool moments over sequences (dot products: one small temporary)."""
+    sums = [x.numel(), 0.0, 0.0, 0.0, 0.0]
+    for chunk in _chunks(x):
+        squares = chunk * chunk
+        for index, part in enumerate((chunk.sum(), chunk @ chunk, squares @ chunk, squares @ squares), start=1):
+            sums[index] += float(part)
+    return sums
 
 
 def excess_kurtosis(sums: list[float]) -> float:
@@ -239,18 +259,6 @@ def run_without_logits(model, input_ids: Tensor) -> None:
 # ---- hooks: state per layer, fed one sequence at a time --------------------------------------------
 
 
-@contextmanager
-def one_thread():
-    """Hook reductions on one thread: each touches at most a few MB, and on a few shared cores the
-    fork/join of every parallel region costs more than the work it splits (measured: 1.12x -> 0.97x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 TOP_MEANS = 3  # the curves of the magnitude plot
 
 
@@ -270,25 +278,24 @@ class _ResidualStream:
         self.sites: list[MassiveSite] = []
 
     def observe(self, x: Tensor, sequence: int) -> None:
-        with one_thread():
-            median = median_magnitude(x)
-            self.medians.append(median)
-            row_maxima = row_magnitudes(x)
-            values, positions, channels = largest(x, row_maxima, max(self.config.top_k, TOP_MEANS))
-            self.top = keep_largest(
-                self.top + [Peak(v, sequence, p, c, ratio_to(v, median)) for v, p, c in zip(values, positions, channels)],
-                self.config.top_k,
-            )
-            self.top_sums = [total + abs(value) for total, value in zip(self.top_sums, values)]
-            cutoff = massive_cutoff(self.config.criteria, median)
-            if abs(values[0]) > cutoff:
-                for v, p, c in zip(*entries_above(x, row_maxima, cutoff)):
-                    self.sites.append(MassiveSite(self.layer, sequence, p, c, v, ratio_to(v, median)))
-            self.sums = [total + part for total, part in zip(self.sums, power_sums(x))]
-            first, others = token_norms(x)
-            self.first_norms.append(first)
-            self.token_norms.append(others)
-        if self.config.entropy:  # a matrix product: worth every thread
+        median = median_magnitude(x)
+        self.medians.append(median)
+        row_maxima = row_magnitudes(x)
+        values, positions, channels = largest(x, row_maxima, max(self.config.top_k, TOP_MEANS))
+        self.top = keep_largest(
+            self.top + [Peak(v, sequence, p, c, ratio_to(v, median)) for v, p, c in zip(values, positions, channels)],
+            self.config.top_k,
+        )
+        self.top_sums = [total + abs(value) for total, value in zip(self.top_sums, values)]
+        cutoff = massive_cutoff(self.config.criteria, median)
+        if abs(values[0]) > cutoff:
+            for v, p, c in zip(*entries_above(x, row_maxima, cutoff)):
+                self.sites.append(MassiveSite(self.layer, sequence, p, c, v, ratio_to(v, median)))
+        self.sums = [total + part for total, part in zip(self.sums, power_sums(x))]
+        first, others = token_norms(x)
+        self.first_norms.append(first)
+        self.token_norms.append(others)
+        if self.config.entropy:
             self.entropies.append(gram_entropy(x))
 
 
@@ -304,10 +311,6 @@ class _DownProjection:
         self.massive_channels: set[int] = set()
 
     def observe(self, inputs: Tensor, outputs: Tensor, sequence: int) -> None:
-        with one_thread():
-            self._observe(inputs, outputs, sequence)
-
-    def _observe(self, inputs: Tensor, outputs: Tensor, sequence: int) -> None:
         row_maxima = row_magnitudes(inputs)
         values, positions, channels = largest(inputs, row_maxima, self.config.top_k)
         # Most down projections never reach the absolute threshold: their median is not needed.
@@ -339,7 +342,7 @@ def _token_text(tokenizer, token_id: int) -> str | None:
 
 def _with_tokens(peaks: list[Peak], input_ids: Tensor, tokenizer) -> list[Peak]:
     return [
-        Peak(**{**asdict(peak), "token": _token_text(tokenizer, int(input_ids[peak.sequence, peak.position]))})
+        replace(peak, token=_token_text(tokenizer, int(input_ids[peak.sequence, peak.position])))
         for peak in peaks
     ]
 
@@ -472,7 +475,7 @@ def locate(
             handle.remove()
 
     sites = [
-        MassiveSite(**{**asdict(site), "token": _token_text(tokenizer, int(input_ids[site.sequence, site.position]))})
+        replace(site, token=_token_text(tokenizer, int(input_ids[site.sequence, site.position])))
         for stream in residuals for site in stream.sites
     ]
     massive = MassiveSites(
