@@ -7,13 +7,17 @@ import json
 import pytest
 import torch
 
+from massquant.backends.selection import select_linears
+from massquant.errors import UserError
 from massquant.models.architectures import decoder_layers
 from massquant.models.loading import load_model
 from massquant.quantizers.functional import fake_quantize
+from massquant.quantizers.spec import parse_spec
 from massquant.wrapping.attention import attach_kv_transform
 from massquant.wrapping.modules import QuantLinear
 from massquant.wrapping.quantize import quantize_
 from tests.conftest import run_cli
+from tests.test_architectures import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +55,6 @@ def test_w8a8_linear_equals_reference_math(tiny):
 
 
 def test_gpt2_conv1d_layers_are_quantized_as_transposed_linears():
-    from tests.test_architectures import tiny_model
-
     model = tiny_model("gpt2")
     conv = model.transformer.h[0].mlp.c_fc
     x = torch.randn(2, 5, conv.nx)
@@ -71,6 +73,8 @@ def test_gpt2_conv1d_layers_are_quantized_as_transposed_linears():
     finally:
         handle.undo()
     assert model.transformer.h[0].mlp.c_fc is conv
+    with pytest.raises(UserError, match="GPT-2-style Conv1D, which only --backend fake quantizes"):
+        select_linears(model, parse_spec("w8"))  # what the real backends replace: nn.Linear only
 
 
 def test_every_spec_is_undone_exactly(tiny, token_ids):
