@@ -361,4 +361,4 @@ def test_smollm2_mitigations_rescue_per_tensor_w8a8(smollm2, enwiki_text):
         text: evaluate_variant(smollm2, Variant(spec, mitigation=tuple(parse_mitigations(text)[0])), windows, calibration)["ppl"]
         for text in ("none", "hadamard", "smoothquant", "smoothquant+hadamard")
     }
-    assert measured == pytest.approx({"none": 50.229, "hadamard": 24.366, "smoothquant": 28.801, "smoothquant+hadamard": 22.556}, rel=2e-3)
+    assert measured == pytest.approx({"none": 49.871, "hadamard": 24.355, "smoothquant": 29.118, "smoothquant+hadamard": 22.675}, rel=2e-3)
