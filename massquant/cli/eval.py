@@ -7,7 +7,7 @@ from massquant.errors import UserError
 from massquant.data.calibration import calibration_batch
 from massquant.data.text import load_text
 from massquant.evaluation.perplexity import build_windows
-from massquant.evaluation.runner import evaluate_variants
+from massquant.evaluation.runner import OUTLIER_WINDOWS, evaluate_variants
 from massquant.evaluation.tasks import TaskSettings, TaskSuite
 from massquant.variants import check_variant
 from massquant.models.loading import load_model, max_sequence_length
@@ -141,7 +141,11 @@ def run(args) -> int:
         payload["rows"] = rows
         sink.save(payload)
 
-    rows = evaluate_variants(loaded, grid, windows, calibration, ppl_config.batch_size, on_row=save_partial, tasks=tasks)
+    # Outliers of each unquantized row feed the mitigation grid, so they are measured only when mitigations are compared.
+    rows = evaluate_variants(
+        loaded, grid, windows, calibration, ppl_config.batch_size, on_row=save_partial, tasks=tasks,
+        outlier_windows=OUTLIER_WINDOWS if args.mitigation else 0,
+    )
     tables = []
     if windows:
         table_rows = [{**row, "delta_ppl_text": format_delta(row.get("delta_ppl")), "notes": row_notes(row)} for row in rows]

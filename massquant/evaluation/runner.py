@@ -11,17 +11,18 @@ from massquant.evaluation.tasks import TaskSuite, task_deltas
 from massquant.massive.locate import LocateConfig, locate, outlier_summary
 from massquant.variants import Variant, apply_variant
 
-# Windows located per unquantized row: enough for stable maxima and kurtosis, a small fraction of the ppl pass.
+# Windows located per unquantized row when mitigations are compared: enough for stable maxima and kurtosis,
+# a small fraction of the perplexity pass.
 OUTLIER_WINDOWS = 4
 
 
 def evaluate_variant(
     loaded, variant: Variant, windows: TokenWindows | None, calibration: torch.Tensor | None, batch_size: int = 1,
-    tasks: TaskSuite | None = None, outlier_windows: int = OUTLIER_WINDOWS,
+    tasks: TaskSuite | None = None, outlier_windows: int = 0,
 ) -> dict:
     """Apply ``variant``, measure it (perplexity, lm-eval tasks), undo it. The row holds everything that describes the variant.
 
-    An unquantized row also gets ``outliers``: ``locate`` on its first ``outlier_windows`` windows (0: not measured).
+    With ``outlier_windows``, an unquantized row also gets ``outliers``: ``locate`` on its first windows.
     """
     started = time.perf_counter()
     applied = apply_variant(loaded, variant, calibration)
@@ -61,13 +62,13 @@ def _has_task_deltas(row: dict) -> bool:
 
 def evaluate_variants(
     loaded, variants: list[Variant], windows: TokenWindows | None, calibration: torch.Tensor | None,
-    batch_size: int = 1, on_row=None, tasks: TaskSuite | None = None,
+    batch_size: int = 1, on_row=None, tasks: TaskSuite | None = None, outlier_windows: int = 0,
 ) -> list[dict]:
     """One row per variant, in order; ``on_row(rows)`` runs after each so a caller can save partial results."""
     rows: list[dict] = []
     baseline = None
     for variant in variants:
-        row = evaluate_variant(loaded, variant, windows, calibration, batch_size, tasks)
+        row = evaluate_variant(loaded, variant, windows, calibration, batch_size, tasks, outlier_windows)
         if variant.is_baseline and baseline is None:
             baseline = row
         rows.append(row)
