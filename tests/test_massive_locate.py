@@ -12,6 +12,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ from massquant.massive import MassiveCriteria
 from massquant.massive.intervene import zero_super_weights
 from massquant.massive.locate import (
     LocateConfig, attention_sink_share, entries_above, excess_kurtosis, format_ranges, gram_entropy, largest,
-    layer_output, locate, median_magnitude, outlier_summary, power_sums, row_magnitudes,
+    layer_output, locate, magnitude_profile, median_magnitude, outlier_summary, power_sums, row_magnitudes,
 )
 from massquant.massive.plots import write_plots
 from massquant.massive.super_weights import DEFAULT_PROMPT, find_super_weights, spike_super_weight
@@ -43,24 +44,27 @@ def sample_tensors():
     half_zero[:, :5] = 0
     massive = torch.randn(64, 96, generator=generator)
     massive[0, 7], massive[12, 40] = 2.5e4, -1.9e3
-    # more values than one chunk of the sliced statistics, the massive ones in different chunks
-    chunked = torch.randn(700, 1000, generator=generator)
-    chunked[0, 3], chunked[650, 999] = 3e4, -2e3
+    # a layer-sized tensor, the massive values far apart
+    large = torch.randn(700, 1000, generator=generator)
+    large[0, 3], large[650, 999] = 3e4, -2e3
     return {
-        "plain": plain, "ties": ties, "half_zero": half_zero, "massive": massive, "pair": torch.tensor([[3.0, -1.0]]), "chunked": chunked,
+        "plain": plain, "ties": ties, "half_zero": half_zero, "massive": massive, "pair": torch.tensor([[3.0, -1.0]]), "large": large,
     }
 
 
-@pytest.mark.parametrize("kind", ["plain", "ties", "half_zero", "massive", "pair", "chunked"])
+@pytest.mark.parametrize("kind", ["plain", "ties", "half_zero", "massive", "pair", "large"])
 def test_median_magnitude_is_torch_median_of_the_magnitudes(kind):
     x = sample_tensors()[kind]
     assert median_magnitude(x) == float(x.abs().median())
+    row_maxima, median = magnitude_profile(x)
+    assert median == float(x.abs().median())
+    assert np.array_equal(row_maxima, x.abs().amax(dim=-1).numpy())
 
 
 @pytest.mark.parametrize("kind", ["plain", "ties", "massive"])
 def test_largest_are_the_flattened_top_k(kind):
     x = sample_tensors()[kind]
-    assert torch.equal(row_magnitudes(x), x.abs().amax(dim=-1))
+    assert np.array_equal(row_magnitudes(x), x.abs().amax(dim=-1).numpy())
     values, positions, channels = largest(x, row_magnitudes(x), 6)
     assert torch.equal(torch.tensor(values).abs(), x.abs().flatten().topk(6).values)
     assert [float(x[p, c]) for p, c in zip(positions, channels)] == values
@@ -83,8 +87,8 @@ def test_excess_kurtosis_pools_power_sums_over_tensors():
     first, second = tensors["massive"], tensors["plain"] * 5 + 1
     pooled = [a + b for a, b in zip(power_sums(first), power_sums(second))]
     assert excess_kurtosis(pooled) == pytest.approx(reference_kurtosis(torch.cat([first.flatten(), second.flatten()])), rel=1e-4)
-    chunked = tensors["chunked"]
-    assert excess_kurtosis(power_sums(chunked)) == pytest.approx(reference_kurtosis(chunked.flatten()), rel=1e-4)
+    large = tensors["large"]
+    assert excess_kurtosis(power_sums(large)) == pytest.approx(reference_kurtosis(large.flatten()), rel=1e-4)
     gaussian = torch.randn(400, 500, generator=torch.Generator().manual_seed(1))
     assert abs(excess_kurtosis(power_sums(gaussian))) < 0.05
 

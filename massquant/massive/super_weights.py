@@ -8,13 +8,14 @@ the spike appears whatever the text, so one forward pass is enough.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from massquant.massive import MassiveCriteria
 from massquant.massive.intervene import out_in_weight
 from massquant.massive.locate import (
-    down_projections, massive_cutoff, median_magnitude, row_magnitudes, run_without_logits, tokens_by_channels,
+    down_projections, host_rows, massive_cutoff, median_magnitude, row_magnitudes, run_without_logits, tokens_by_channels,
 )
 from massquant.massive.sites import SuperWeight
 
@@ -34,14 +35,16 @@ def spike_super_weight(
     the largest |input| of token t.
     """
     position = int(row_magnitudes(outputs).argmax())  # token first, then channel: no |outputs| copy
-    row = int(outputs[position].abs().argmax())
-    output_value = float(outputs[position, row])
+    spike = host_rows(outputs, np.array([position]))[0]
+    row = int(np.abs(spike).argmax())
+    output_value = float(spike[row])
     if abs(output_value) <= criteria.abs_threshold:  # the median costs a selection: skip it when no spike can pass
         return None
     if abs(output_value) <= massive_cutoff(criteria, median_magnitude(outputs)):
         return None
-    col = int(inputs[position].abs().argmax())
-    input_value = float(inputs[position, col])
+    spike_input = host_rows(inputs, np.array([position]))[0]
+    col = int(np.abs(spike_input).argmax())
+    input_value = float(spike_input[col])
     value = float(weight[row, col])
     return SuperWeight(
         layer=layer, row=row, col=col, value=value, input_value=input_value, output_value=output_value,
