@@ -189,7 +189,8 @@ def median_magnitude(x: Tensor) -> float:
 def magnitude_profile(x: Tensor) -> tuple[np.ndarray, float]:
     """``row_magnitudes(x)`` and ``median_magnitude(x)`` from one |x| copy."""
     magnitudes = x.abs()
-    return host(magnitudes.amax(dim=-1)), _lower_median(magnitudes)
+    row_maxima = host(magnitudes.amax(dim=-1))  # before the selection reorders the copy
+    return row_maxima, _lower_median(magnitudes)
 
 
 def entries_above(x: Tensor, row_maxima: np.ndarray, cutoff: float) -> tuple[list[float], list[int], list[int]]:
