@@ -287,6 +287,8 @@ def test_smollm2_layer_statistics_match_hidden_states(smol_report, smol_layer_ou
         assert stats.top_means == pytest.approx([sum(v[2 - i] for v in leading) / len(leading) for i in range(3)], rel=1e-6)
         assert stats.kurtosis == pytest.approx(reference_kurtosis(stacked), rel=1e-3)
         assert stats.first_token_norm == pytest.approx(sum(float(h[0].norm()) for h in per_sequence) / len(per_sequence), rel=1e-5)
+        other_norms = [float(h[1:].norm(dim=-1).median()) for h in per_sequence]
+        assert stats.token_norm == pytest.approx(sum(other_norms) / len(other_norms), rel=1e-5)
         assert stats.entropy == pytest.approx(sum(reference_entropy(h) for h in per_sequence) / len(per_sequence), rel=1e-3, abs=1e-4)
     summary = outlier_summary(smol_report)
     maxima = [float(torch.stack(h).abs().max()) for h in smol_layer_outputs]

@@ -162,6 +162,13 @@ def largest(x: Tensor, row_maxima: np.ndarray, k: int) -> tuple[list[float], lis
     return candidates.ravel()[flat].tolist(), positions.tolist(), channels.tolist()
 
 
+def lower_median_in_place(values: np.ndarray) -> np.generic:
+    """The lower median of a 1-D array (``torch.median``'s), by partitioning the array in place."""
+    rank = (values.size - 1) // 2
+    values.partition(rank)
+    return values[rank]
+
+
 def _lower_median(magnitudes: Tensor) -> float:
     """Lower median of a tensor of magnitudes (|x|, a temporary: on the CPU it is reordered in place).
 
@@ -236,11 +243,8 @@ def gram_entropy(x: Tensor) -> float:
 def token_norms(x: Tensor) -> tuple[float, float]:
     """The first token's L2 norm and the (lower) median L2 norm of the other tokens."""
     norms = host(torch.linalg.vector_norm(x, dim=-1))
-    others = norms[1:]
-    if not others.size:
-        return float(norms[0]), math.nan
-    rank = (others.size - 1) // 2
-    return float(norms[0]), float(np.partition(others, rank)[rank])
+    first = float(norms[0])
+    return first, float(lower_median_in_place(norms[1:])) if norms.size > 1 else math.nan
 
 
 def massive_cutoff(criteria: MassiveCriteria, median: float) -> float:
