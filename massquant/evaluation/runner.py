@@ -37,6 +37,7 @@ def evaluate_variant(
                 row["outliers"] = outlier_summary(report)
         if tasks is not None:
             row["tasks"] = tasks.run(applied.model, loaded.tokenizer)
+            row["task_tokens"] = tasks.tokens
     finally:
         applied.undo()
     row.update(setup_seconds=setup_seconds, quantization=applied.summary)

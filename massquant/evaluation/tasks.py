@@ -111,6 +111,7 @@ class TaskSuite:
     def __init__(self, settings: TaskSettings):
         self.settings = settings.validate()
         self.manager = task_index()
+        self.tokens: dict | None = None
         known = set(self.manager.all_tasks)
         for name in settings.tasks:
             if name not in known:
@@ -122,16 +123,16 @@ class TaskSuite:
                 )
 
     def run(self, model, tokenizer) -> dict:
-        """Every task on ``model`` (already mitigated and quantized): scores, stderr and per-question values."""
+        """Every task on ``model`` (already mitigated and quantized): scores, stderr and per-question values.
+
+        Afterwards ``tokens`` says which BOS and context token ids the requests carried."""
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
 
-        from massquant.lmeval.model import bos_tokenizer, weights_left_as_they_are
+        from massquant.lmeval.model import InvariantHFLM
 
-        configured, prepends = bos_tokenizer(tokenizer, self.settings.bos)
         with _quiet_lm_eval():
-            with weights_left_as_they_are(model):
-                lm = HFLM(pretrained=model, tokenizer=configured, batch_size=self.settings.batch_size, add_bos_token=prepends)
+            lm = InvariantHFLM(model, tokenizer, self.settings.bos, batch_size=self.settings.batch_size)
+            self.tokens = lm.bos_tokens  # the BOS and context token ids the requests really carried
             try:
                 output = lm_eval.simple_evaluate(
                     model=lm, tasks=list(self.settings.tasks), num_fewshot=self.settings.num_fewshot,

@@ -14,6 +14,7 @@ import copy
 import logging
 
 import torch
+import lm_eval.models.huggingface as hflm_module
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -168,6 +169,48 @@ def bos_tokenizer(tokenizer, policy: str):
     return configured, prepends
 
 
+def context_token(tokenizer, policy: str, requested: int | None) -> int:
+    """The token lm-eval conditions a rolling window's first token (and an empty context) on.
+
+    With BOS (auto/always) it is BOS, so a rolling window is exactly a
+    perplexity window ``[BOS, text...]``. Under ``never`` no BOS may appear, so
+    it is ``requested`` (HFLM's ``prefix_token_id``) or else the tokenizer's
+    EOS, the document boundary GPT-style models are trained on.
+
+    Raises UserError when the policy cannot be honoured (no such token, or it is BOS).
+    """
+    bos = tokenizer.bos_token_id
+    if policy != "never" and bos is not None:
+        if requested is not None and requested != bos:
+            raise UserError(f"{WHERE}: prefix_token_id={requested} contradicts bos={policy} (BOS is id {bos}); use bos=never")
+        return bos
+    chosen = tokenizer.eos_token_id if requested is None else requested
+    if chosen is None or (bos is not None and chosen == bos):
+        raise UserError(
+            f"{WHERE}: bos={policy} cannot be honoured: rolling and empty-context requests need a first token that is "
+            f"not BOS (id {bos}) and this tokenizer's EOS is {tokenizer.eos_token_id}; pass prefix_token_id=ID"
+            + (" or use bos=auto" if bos is not None else "")
+        )
+    return chosen
+
+
+@contextlib.contextmanager
+def input_lengths_recorded(lengths: list[list[int]]):
+    """While HFLM pads a loglikelihood batch (right padding, in ``pad_and_concat``), append the
+    rows' real lengths to ``lengths``: ``_model_call`` receives only the padded tensor."""
+    original = hflm_module.pad_and_concat
+
+    def recording(max_length, tensors, padding_side="right"):
+        lengths.append([len(tensor) for tensor in tensors])
+        return original(max_length, tensors, padding_side=padding_side)
+
+    hflm_module.pad_and_concat = recording
+    try:
+        yield
+    finally:
+        hflm_module.pad_and_concat = original
+
+
 @contextlib.contextmanager
 def weights_left_as_they_are(model):
     """While HFLM wraps ``model``: HFLM re-ties the output projection to the input embedding, which would
@@ -194,8 +237,92 @@ def _device(requested: str | None) -> str:
     raise UserError(f"{WHERE}: device '{requested}' is not supported; accepted: cpu, cuda, cuda:0, auto")
 
 
+class InvariantHFLM(HFLM):
+    """lm-eval's HFLM over a model in memory that feeds exactly the tokens a BOS policy names and scores
+    every request on its own, so no score depends on the batch a request came in.
+
+    ``policy`` is auto|always|never (see ``bos_tokenizer`` and ``context_token``);
+    ``hflm_settings`` are HFLM's (``batch_size``, ``max_length``, ``prefix_token_id``, ...).
+    ``bos_tokens`` records the token ids used. Each request runs alone: on this
+    project's CPUs batching bought no speed, and a padded batch changes float32
+    GEMM rounding, which flips int8 rounding ties in quantized rows.
+    """
+
+    def __init__(self, model, tokenizer, policy: str, **hflm_settings) -> None:
+        configured, prepends = bos_tokenizer(tokenizer, policy)
+        prefix = context_token(tokenizer, policy, hflm_settings.pop("prefix_token_id", None))
+        self._input_lengths: list[list[int]] = []
+        self._rolling = False
+        with weights_left_as_they_are(model):
+            super().__init__(pretrained=model, tokenizer=configured, add_bos_token=prepends, prefix_token_id=prefix, **hflm_settings)
+        self.bos_tokens = {
+            "bos": policy,
+            "bos_token_id": configured.bos_token_id if prepends else None,
+            "prefix_token_id": prefix,
+            "requests_per_forward": 1,
+        }
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """As HFLM's, except that a rolling request's text gets no BOS of its own: its windows start with
+        the context token (BOS under auto/always), so the model sees ``[BOS, text...]``, never ``[BOS, BOS, ...]``."""
+        if self._rolling and add_special_tokens is None:
+            add_special_tokens = False
+        return super().tok_encode(string, add_special_tokens=add_special_tokens, **kwargs)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._rolling = True
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._rolling = False
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        self._input_lengths.clear()
+        with input_lengths_recorded(self._input_lengths):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        """Logits ``[batch, padded length, vocab]``, each request run alone at its own length.
+
+        A request's numbers then never depend on the batch it came in (other
+        requests, padding, the GEMM shapes they make); positions past a
+        request's end are zero and HFLM never reads them.
+        """
+        if attn_mask is not None or labels is not None:
+            return super()._model_call(inps, attn_mask, labels)
+        lengths = self._input_lengths.pop(0) if self._input_lengths else None
+        if lengths is None or len(lengths) != len(inps):  # e.g. HFLM's batch-size probe: no padding
+            lengths = [inps.shape[1]] * len(inps)
+        call = super()._model_call
+        rows = [call(inps[index : index + 1, :length]) for index, length in enumerate(lengths)]
+        logits = rows[0].new_zeros(len(inps), inps.shape[1], rows[0].shape[-1])
+        for index, (row, length) in enumerate(zip(rows, lengths)):
+            logits[index, :length] = row[0]
+        return logits
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        """Greedy continuations ``[batch, context length + new tokens]``, each request generated alone from its
+        unpadded context, then laid out as HFLM expects (contexts left-padded, continuations padded after)."""
+        mask = generation_kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(context) if mask is None else mask.bool()
+        pad = self.tokenizer.pad_token_id
+        rows = []
+        for row, real in zip(context, mask):
+            alone = row[real][None]
+            generated = super()._model_generate(
+                alone, max_length - (context.shape[1] - alone.shape[1]), stop, attention_mask=torch.ones_like(alone), **dict(generation_kwargs)
+            )
+            rows.append(generated[0, alone.shape[1] :])
+        width = context.shape[1] + max(len(row) for row in rows)
+        output = context.new_full((len(rows), width), pad)
+        output[:, : context.shape[1]] = context
+        for index, row in enumerate(rows):
+            output[index, context.shape[1] : context.shape[1] + len(row)] = row
+        return output
+
+
 @register_model("massquant")
-class MassquantLM(HFLM):
+class MassquantLM(InvariantHFLM):
     """HFLM over a massquant variant of a model: ``MassquantLM(pretrained="smollm2-135m", spec="w8a8")``.
 
     ``pretrained`` is a massquant model reference (alias, .gguf, directory, hub
@@ -219,7 +346,8 @@ class MassquantLM(HFLM):
             )
             config.validate()
             loaded = load_model(config)
-        tokenizer, prepends = bos_tokenizer(loaded.tokenizer, policy)
+        context_token(loaded.tokenizer, policy, model_args.get("prefix_token_id"))  # refused before any calibration
+        prepends = bos_tokenizer(loaded.tokenizer, policy)[1]
         calibration = None
         if variant.needs_calibration:
             calibration = calibration_batch(
@@ -229,8 +357,7 @@ class MassquantLM(HFLM):
         self.quantization = apply_variant(loaded, variant, calibration)
         hflm_settings = {key: options[key] for key in HFLM_ARGS if options.get(key) is not None}
         try:
-            with weights_left_as_they_are(self.quantization.model):
-                super().__init__(pretrained=self.quantization.model, tokenizer=tokenizer, add_bos_token=prepends, **hflm_settings)
+            super().__init__(self.quantization.model, loaded.tokenizer, policy, **hflm_settings)
         except BaseException:
             self.quantization.undo()
             raise
@@ -241,8 +368,7 @@ class MassquantLM(HFLM):
             "config": variant.name,
             **variant.describe(),
             "quantization": self.quantization.summary,
-            "bos": policy,
-            "bos_token_id": tokenizer.bos_token_id if prepends else None,
+            **self.bos_tokens,
             "calibration": (
                 {"data": options["calib_data"], "samples": options["calib_samples"], "seq_len": options["calib_seq_len"], "seed": options["seed"]}
                 if calibration is not None else None

@@ -22,7 +22,8 @@ from transformers.pytorch_utils import Conv1D
 from massquant.massive import MassiveCriteria
 from massquant.massive.sites import MassiveSites, SuperWeight
 from massquant.models.architectures import architecture_of, decoder_layers, get_path
-from massquant.quantizers.functional import outlier_mask, outlier_threshold
+from massquant.quantizers.functional import outlier_cutoff, outlier_mask
+from massquant.wrapping.padding import attach_padding_mask, real_tokens
 
 INTERVENTIONS = ("zero", "mean", "clip")
 FIRST, OTHER = 0, 1  # position classes: row of a mean table
@@ -69,8 +70,8 @@ def zero_values(hidden: Tensor, mask: Tensor) -> Tensor:
     return hidden.masked_fill(mask, 0)
 
 
-def clip_values(hidden: Tensor, mask: Tensor, bound: float) -> Tensor:
-    """Masked values clamped to [-bound, bound], keeping their sign."""
+def clip_values(hidden: Tensor, mask: Tensor, bound: Tensor | float) -> Tensor:
+    """Masked values clamped to [-bound, bound], keeping their sign; ``bound`` broadcasts against ``hidden``."""
     return torch.where(mask, hidden.clamp(-bound, bound), hidden)
 
 
@@ -129,8 +130,10 @@ def intervene_residual(
     """Change massive values at a decoder layer's output on every forward: ``kind`` is zero, mean or clip.
 
     ``mean`` needs ``means`` (see ``mean_tables``); ``clip`` clamps to the
-    massive threshold of that tensor, max(abs_threshold, median_ratio x median
-    |x|), the smallest magnitude that still counts as massive. Returns the undo.
+    massive threshold of each sequence, max(abs_threshold, median_ratio x median
+    |x| over its real tokens), the smallest magnitude that still counts as
+    massive. Without a target layer, each sequence is changed at the first layer
+    where it has massive values. Returns the undo.
     """
     if kind not in INTERVENTIONS:
         raise ValueError(f"unknown intervention {kind!r}; expected one of {INTERVENTIONS}")
@@ -139,11 +142,26 @@ def intervene_residual(
     counts = counts if counts is not None else InterventionCounts()
     criteria = target.criteria
     layers = decoder_layers(model)
-    # Dynamic: only the first layer with massive values in each forward is changed.
-    done = {"this_forward": False}
+    # Dynamic: in each sequence, only the first layer with massive values is changed.
+    changed_sequences: dict[str, Tensor | None] = {"this_forward": None}
+
+    def real_of(hidden: Tensor) -> Tensor | None:
+        return real_tokens(hidden.shape[0], hidden.shape[1])
+
+    def massive(hidden: Tensor) -> Tensor | None:
+        """The values to change in ``hidden`` ``[batch, tokens, channels]``."""
+        mask = outlier_mask(hidden, criteria.abs_threshold, criteria.median_ratio, target.channels, real_of(hidden))
+        if mask is None or target.layer is not None:
+            return mask
+        done = changed_sequences["this_forward"]
+        if done is None:
+            done = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        mask &= ~done[:, None, None]
+        changed_sequences["this_forward"] = done | mask.flatten(1).any(dim=1)
+        return mask if bool(mask.any()) else None
 
     def change(index: int, hidden: Tensor, positions: Tensor) -> Tensor | None:
-        mask = outlier_mask(hidden, criteria.abs_threshold, criteria.median_ratio, target.channels)
+        mask = massive(hidden)
         if mask is None:
             return None
         counts.layers[index] += 1
@@ -152,7 +170,8 @@ def intervene_residual(
             return zero_values(hidden, mask)
         if kind == "clip":
             counts.values += int(mask.sum())
-            return clip_values(hidden, mask, outlier_threshold(hidden, criteria.abs_threshold, criteria.median_ratio))
+            bound = outlier_cutoff(hidden, criteria.abs_threshold, criteria.median_ratio, real_of(hidden))
+            return clip_values(hidden, mask, bound)
         table = means.get(index)
         if table is None:  # dynamic detection found a layer that calibration did not
             counts.without_mean += int(mask.sum())
@@ -165,29 +184,28 @@ def intervene_residual(
 
     def hook_for(index: int):
         def hook(module, args, kwargs, output):
-            if done["this_forward"]:
+            done = changed_sequences["this_forward"]
+            if done is not None and bool(done.all()):  # every sequence changed at an earlier layer
                 return None
             hidden = _hidden_of(output)
             changed = change(index, hidden, _positions(hidden, kwargs))
-            if changed is None:
-                return None
-            if target.layer is None:
-                done["this_forward"] = True
-            return _replace_hidden(output, changed)
+            return None if changed is None else _replace_hidden(output, changed)
 
         return hook
 
     def reset(*_):
-        done["this_forward"] = False
+        changed_sequences["this_forward"] = None
 
     indices = [target.layer] if target.layer is not None else range(len(layers))
     handles = [layers[index].register_forward_hook(hook_for(index), with_kwargs=True) for index in indices]
     if target.layer is None:
         handles.append(layers[0].register_forward_pre_hook(reset))
+    detach_padding = attach_padding_mask(model)
 
     def undo() -> None:
         for handle in handles:
             handle.remove()
+        detach_padding()
 
     return undo
 

@@ -25,6 +25,9 @@ class NumberFormat:
     description: str
     default_group_size: int | None = None
     torch_dtype: torch.dtype | None = None  # the storage dtype of "float" formats
+    # a second-level scale over the whole tensor couples its blocks (NVFP4's fp32 scale), so
+    # "per sequence" must quantize each sequence on its own
+    tensor_scale: bool = False
 
     @property
     def default_bits(self) -> int:
@@ -68,6 +71,7 @@ FORMATS: dict[str, NumberFormat] = {
             bits=(4,),
             description="NVIDIA FP4: E2M1 elements, E4M3 scale per block of 16, fp32 scale per tensor",
             default_group_size=16,
+            tensor_scale=True,
         ),
     )
 }

@@ -248,24 +248,57 @@ def fake_quantize(
     return dequantized.reshape(padded.shape)[..., : x.shape[-1]].to(x.dtype)
 
 
-def outlier_threshold(x: Tensor, abs_threshold: float, median_ratio: float) -> float:
-    """The magnitude an outlier of ``x`` must exceed: ``max(abs_threshold, median_ratio x median |x|)``."""
-    return max(abs_threshold, median_ratio * float(x.detach().abs().float().median()))
+def token_mask_like(real: Tensor | None, x: Tensor) -> Tensor | None:
+    """``real`` (``[batch, tokens]``, True at real tokens) shaped to broadcast against ``x`` ``[batch, tokens, ...]``.
+
+    A 2-D ``x`` is one sequence ``[tokens, features]``; its mask is ``real[0]``.
+    """
+    if real is None:
+        return None
+    if x.dim() < 3:
+        return real.reshape(-1, 1)
+    return real.reshape(*real.shape, *[1] * (x.dim() - 2))
+
+
+def outlier_cutoff(x: Tensor, abs_threshold: float, median_ratio: float, real: Tensor | None = None) -> Tensor:
+    """The magnitude an outlier must exceed, per sequence: ``max(abs_threshold, median_ratio x median |x|)``.
+
+    ``x`` is ``[batch, tokens, ...]`` (one sequence per index of dim 0) or
+    ``[tokens, features]`` (one sequence); the median (the lower one, as
+    ``torch.median``) is over the sequence's real tokens (``real``, ``[batch,
+    tokens]``; None: all), so neither the other sequences of a batch nor padding
+    move it. Returns ``[batch, 1, ...]`` (``x.dim()`` dims), or a 0-d tensor for
+    one sequence. A sequence without real tokens gets +inf.
+    """
+    magnitudes = x.detach().abs().float()
+    sequences = magnitudes[None] if x.dim() < 3 else magnitudes
+    masks = [None] * len(sequences) if real is None else list(real.reshape(len(sequences), -1))
+    medians = torch.stack([
+        torch.tensor(math.inf, device=x.device) if mask is not None and not bool(mask.any())
+        else (sequence if mask is None else sequence[mask]).median()
+        for sequence, mask in zip(sequences, masks)
+    ])
+    cutoff = torch.clamp(median_ratio * medians, min=abs_threshold)
+    return cutoff.reshape(()) if x.dim() < 3 else cutoff.reshape(-1, *[1] * (x.dim() - 1))
 
 
 def outlier_mask(
-    x: Tensor, abs_threshold: float, median_ratio: float, channels: Sequence[int] | None = None
+    x: Tensor, abs_threshold: float, median_ratio: float, channels: Sequence[int] | None = None,
+    real: Tensor | None = None,
 ) -> Tensor | None:
-    """Where |x| > ``abs_threshold`` and > ``median_ratio`` x the median |x| of the whole tensor.
+    """Where |x| > ``abs_threshold`` and > ``median_ratio`` x the median |x| of its sequence (``outlier_cutoff``).
 
-    Only ``channels`` (indices of the last dimension; None: all) are inspected.
+    Only ``channels`` (indices of the last dimension; None: all) are inspected,
+    and only real tokens (``real``, ``[batch, tokens]``; None: all) qualify.
     Returns None when no value qualifies, so callers can skip masked work.
     """
     inspected = (x if channels is None else x[..., list(channels)]).detach().abs()
     # The median is the costly part; it matters only when some value passes the absolute threshold.
     if inspected.numel() == 0 or not bool(inspected.amax() > abs_threshold):
         return None
-    found = inspected > outlier_threshold(x, abs_threshold, median_ratio)
+    found = inspected > outlier_cutoff(x, abs_threshold, median_ratio, real)
+    if real is not None:
+        found &= token_mask_like(real, x)
     if not bool(found.any()):
         return None
     if channels is None:

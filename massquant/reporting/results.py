@@ -10,6 +10,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 from massquant.errors import UserError
 
 
@@ -59,10 +61,15 @@ def write_json_atomic(path: str | os.PathLike, payload) -> Path:
 
 
 def environment() -> dict:
+    """Package versions, Python, platform, and what decides torch's CPU kernels (instruction set, threads):
+    another machine's kernels round differently, which moves quantized numbers (see the README's noise floor)."""
     versions = {}
     for package in ("massquant", "torch", "transformers", "lm-eval", "gguf", "datasets"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"versions": versions, "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "versions": versions, "python": platform.python_version(), "platform": platform.platform(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+    }

@@ -7,7 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from massquant.quantizers.spec import TensorQuantSpec
-from massquant.quantizers.tensors import KeepRule, keep_mask, observed_range, quantize_activation, quantize_kv, quantize_weight
+from massquant.quantizers.tensors import (
+    KeepRule, keep_mask, observed_range, quantize_activation, quantize_kv, quantize_weight, real_rows,
+)
+from massquant.wrapping.padding import real_tokens
 
 
 class RangeObserver(nn.Module):
@@ -21,11 +24,20 @@ class RangeObserver(nn.Module):
         self.register_buffer("amin", None)
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def observe(self, x: torch.Tensor) -> None:
-        self._batches.append(observed_range(x, self.part))
+    def observe(
+        self, x: torch.Tensor, real: torch.Tensor | None = None, token_dim: int = 1, left_out: torch.Tensor | None = None
+    ) -> None:
+        """Record each sequence's range over its real tokens (``real``, ``[batch, tokens]``; None: all),
+        without the values ``left_out`` marks (shaped like ``x``)."""
+        sequences = real_rows(x, real, token_dim)
+        excluded = [None] * len(sequences) if left_out is None else real_rows(left_out, real, token_dim)
+        for rows, skip in zip(sequences, excluded):
+            values = rows if skip is None else rows[~skip]
+            if values.numel():
+                self._batches.append(observed_range(values, self.part))
 
     def freeze(self) -> None:
-        """Min-max takes the extremes over batches; a percentile is averaged over them."""
+        """Min-max takes the extremes over sequences; a percentile is averaged over them."""
         if not self._batches:
             raise RuntimeError("calibration saw no input for this quantizer")
         highs = torch.stack([high for high, _ in self._batches])
@@ -57,14 +69,15 @@ class ActivationQuantizer(RangeObserver):
         self.inspected_values = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kept = None if self.keep is None else keep_mask(x, self.keep)
+        real = real_tokens(x.shape[0], x.shape[1]) if x.dim() >= 3 else None
+        kept = None if self.keep is None else keep_mask(x, self.keep, real)
         if self.observing:
-            self.observe(x if kept is None else x[~kept])
+            self.observe(x, real, left_out=kept)
             return x
         if self.keep is not None:
             self.kept_values += 0 if kept is None else int(kept.sum())
-            self.inspected_values += x.numel()
-        return quantize_activation(x, self.part, *self.static_range, keep=kept)
+            self.inspected_values += x.numel() if real is None else int(real.sum()) * x.shape[-1]
+        return quantize_activation(x, self.part, *self.static_range, keep=kept, real=real)
 
 
 class KVQuantizer(RangeObserver):
@@ -75,12 +88,13 @@ class KVQuantizer(RangeObserver):
         self.values = RangeObserver(part)  # keys and values have separate static ranges
 
     def forward(self, module, key, value, attention_mask):
+        real = real_tokens(key.shape[0], key.shape[2])
         if self.observing:
-            self.observe(key)
-            self.values.observe(value)
+            self.observe(key, real, token_dim=2)
+            self.values.observe(value, real, token_dim=2)
             return key, value, attention_mask
-        key = quantize_kv(key, self.part, *self.static_range)
-        value = quantize_kv(value, self.part, *self.values.static_range)
+        key = quantize_kv(key, self.part, *self.static_range, real=real)
+        value = quantize_kv(value, self.part, *self.values.static_range, real=real)
         return key, value, attention_mask
 
     def freeze(self) -> None:

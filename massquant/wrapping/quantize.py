@@ -20,6 +20,7 @@ from massquant.models.architectures import architecture_of, decoder_layers, get_
 from massquant.quantizers.spec import QuantSpec, parse_spec
 from massquant.wrapping.attention import attach_kv_transform
 from massquant.wrapping.modules import KVQuantizer, QuantLinear, RangeObserver
+from massquant.wrapping.padding import attach_padding_mask
 
 # QuantLinear reads GPT-2's Conv1D weight transposed, so simulated quantization covers it too.
 QUANTIZABLE_TYPES = (nn.Linear, Conv1D)
@@ -106,6 +107,8 @@ def quantize_(model, spec: QuantSpec | str, calibration: torch.Tensor | None = N
             _replace_linears(model, spec, handle)
         if spec.kv_cache is not None:
             _attach_kv_quantizers(model, spec, handle)
+        if spec.activations is not None or spec.kv_cache is not None:  # their scales must not see padding
+            handle._undo_steps.append(attach_padding_mask(model))
         static = [observer for observer in handle.observers() if not observer.part.dynamic]
         if static:
             if calibration is None:
