@@ -157,12 +157,17 @@ def test_perplexity_is_bit_identical_at_every_batch_size(tiny32):
 
 
 def test_smollm2_per_tensor_w8a8_is_the_same_at_batch_sizes_1_and_4(smollm2, enwiki_text):
-    """The issue's report: 62.21 at --batch-size 1 and 66.61 at 4 on the same four 256-token windows."""
+    """The issue's report: --batch-size 1 and 4 differed (62.21 vs 66.61 on its machine) on the same four
+    256-token windows. The value itself depends on the CPU's kernels (64.54 on an AVX2 machine), so it is
+    not pinned here; the windows' NLL sums must agree to the last bit."""
     windows = build_windows(smollm2.tokenizer, enwiki_text, PerplexityConfig(seq_len=256, max_tokens=1024), None)
-    variant = Variant(parse_spec("w8a8-tensor"))
-    one, four = (evaluate_variant(smollm2, variant, windows, None, size)["ppl"] for size in (1, 4))
-    assert one == four
-    assert one == pytest.approx(62.21, abs=0.01)
+    assert windows.input_ids.shape == (4, 256)
+    with quantize_(smollm2.model, "w8a8-tensor"):
+        one, four = (window_nll(smollm2.model, windows, size) for size in (1, 4))
+        again = window_nll(smollm2.model, windows, 4)
+    assert torch.equal(one, four) and torch.equal(four, again)
+    unquantized = window_nll(smollm2.model, windows, 4)
+    assert (one > unquantized * 1.1).all()  # per-tensor W8A8 really is in the forward
 
 
 # ---------------------------------------------------------------- lm-eval: the tokens each policy feeds
