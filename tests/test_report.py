@@ -196,11 +196,15 @@ def test_report_bad_input_is_one_line_and_leaves_no_file(results, tmp_path, caps
     foreign = tmp_path / "foreign" / "results.json"
     foreign.parent.mkdir()
     foreign.write_text(json.dumps({"command": "bench", "rows": []}))
+    truncated = tmp_path / "truncated" / "results.json"
+    truncated.parent.mkdir()
+    truncated.write_text(json.dumps({"command": "errors", "rows": []}))
     (tmp_path / "empty").mkdir()
     for arguments, message in [
         ([tmp_path / "missing"], "no such file or directory"),
         ([tmp_path / "empty"], "no massquant results under"),
         ([results / "eval", foreign.parent], "is not a massquant result (its 'command' is 'bench'; accepted: eval, run, train, errors, locate, intervene)"),
+        ([results / "eval", truncated], "is not a complete massquant errors result (KeyError: 'spec')"),
         ([results / "eval", "--out", tmp_path], "is a directory"),
     ]:
         command = ["report", *map(str, arguments)] + ([] if "--out" in arguments else ["--out", str(out)])

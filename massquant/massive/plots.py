@@ -96,7 +96,7 @@ def plot_magnitudes_3d(values: np.ndarray, tokens: list[str], layer: int):
     axes.set_xlabel("channel (index)")
     axes.set_ylabel("token (position)")
     axes.set_zlabel(MAGNITUDE + ")")
-    axes.set_title(f"|activation| of layer {layer}'s output, tokens x channels")
+    axes.set_title(f"|activation| of layer {layer}'s output: the heat map's {len(rows)} tokens x every channel")
     axes.view_init(elev=25, azim=-60)
     return figure
 

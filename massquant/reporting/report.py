@@ -12,11 +12,16 @@ import csv
 import json
 import math
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+
+import jinja2
 
 from massquant.cli import errors as errors_command, intervene as intervene_command, locate as locate_command
 from massquant.cli import train as train_command
 from massquant.errors import UserError
+from massquant.massive.plots import load_activations, locate_figures
+from massquant.reporting.charts import delta_bars, interval_chart, sqnr_chart, training_curves
 from massquant.reporting.compare import add_deltas, distinct_measurements, is_baseline, resolve_view, rows_of
 from massquant.reporting.figures import png_data_uri, scaled_colour
 from massquant.reporting.results import write_atomic
@@ -215,25 +220,25 @@ def _grid_cell(row: dict | None, base: float | None) -> Cell:
     return Cell(text, style=f"background:{background};color:{foreground}", title=f"{row['config']}: {ppl!r}")
 
 
-def ppl_block(rows: list[dict], title: str) -> Block | None:
-    from massquant.reporting.charts import delta_bars
-
+def ppl_block(rows: list[dict]) -> Block | None:
+    """Every row with a perplexity: the long table and the Δ bar chart."""
     measured = [{**row, "label": _label(row), "notes": row_notes(row)} for row in rows if isinstance(row.get("ppl"), (int, float))]
     if not measured:
         return None
     columns = {"label": "config", "ppl": "perplexity", "delta_ppl": "Δppl", "tokens": "tokens", "windows": "windows", "notes": "notes"}
     figure = delta_bars(measured, {"label": "config", "delta_ppl": "Δppl"}, ["label"], "Δ perplexity against the baseline (perplexity units)")
-    return Block("ppl", title, tables=[_table("perplexity and Δ per configuration", columns, measured, signed=("delta_ppl",))],
+    return Block("ppl", "Perplexity", tables=[_table("perplexity and Δ per configuration", columns, measured, signed=("delta_ppl",))],
                  figures=[_figure("Δ perplexity per configuration (0 = the baseline)", figure)])
 
 
-def tasks_block(rows: list[dict]) -> Block | None:
-    from massquant.reporting.charts import interval_chart
-
+def tasks_block(rows: list[dict], confidence: float | None) -> Block | None:
+    """lm-eval scores per configuration x task x metric with the paired-bootstrap interval of each Δ (``confidence``:
+    the interval's level where the results record it)."""
     lines = task_table_rows([{**row, "config": _label(row)} for row in rows if row.get("tasks")])
     if not lines:
         return None
-    table = _table("lm-eval scores, Δ against the baseline and its 95% paired-bootstrap interval (* : excludes 0)", TASK_COLUMNS, lines)
+    level = f"{confidence:.0%} " if confidence else ""
+    table = _table(f"lm-eval scores, Δ against the baseline and its {level}paired-bootstrap interval (* : excludes 0)", TASK_COLUMNS, lines)
     entries = [
         {"label": f"{_label(row)} · {name} {metric}", "colour_key": row["config"], **score}
         for row in rows
@@ -246,8 +251,6 @@ def tasks_block(rows: list[dict]) -> Block | None:
 
 
 def training_block(payload: dict) -> Block:
-    from massquant.reporting.charts import training_curves
-
     training = payload["training"]
     notes = [train_command.training_line(payload)]
     stages = [{"stage": stage, **summary} for stage, summary in (payload.get("massive") or {}).items()]
@@ -258,7 +261,7 @@ def training_block(payload: dict) -> Block:
 
 def rows_section(payload: dict, source: Path) -> list[Block]:
     rows = add_deltas(distinct_measurements(rows_of(payload, str(source))))
-    blocks = [grid_block(rows), ppl_block(rows, "Perplexity"), tasks_block(rows)]
+    blocks = [grid_block(rows), ppl_block(rows), tasks_block(rows, (payload.get("tasks") or {}).get("confidence"))]
     if payload["command"] == "train" and payload.get("training"):
         blocks.append(training_block(payload))
     return [block for block in blocks if block is not None]
@@ -268,8 +271,6 @@ def rows_section(payload: dict, source: Path) -> list[Block]:
 
 
 def errors_section(payload: dict, source: Path) -> list[Block]:
-    from massquant.reporting.charts import sqnr_chart
-
     rows = payload["rows"]
     worst = errors_command.worst_rows(rows, SHOWN_LAYERS)
     return [Block(
@@ -280,8 +281,6 @@ def errors_section(payload: dict, source: Path) -> list[Block]:
 
 
 def locate_section(payload: dict, source: Path) -> list[Block]:
-    from massquant.massive.plots import load_activations, locate_figures
-
     summary, criteria = payload["summary"], payload["config"]["criteria"]
     notes = [
         f"Massive: |a| > {criteria['abs_threshold']:g} and > {criteria['median_ratio']:g} × the layer's median |a|. "
@@ -315,8 +314,6 @@ def locate_section(payload: dict, source: Path) -> list[Block]:
 
 
 def intervene_section(payload: dict, source: Path) -> list[Block]:
-    from massquant.reporting.charts import delta_bars
-
     rows = [{**row, "delta_ppl_text": format_delta(row["delta_ppl"])} for row in payload["rows"]]
     figure = delta_bars(rows, {"intervention": "intervention", "delta_ppl": "Δppl"}, ["intervention"], "Δ perplexity against the unchanged model (perplexity units)")
     return [Block(
@@ -354,19 +351,20 @@ TITLES = {
 
 
 def build_section(source: Path) -> Section:
+    """The section of one results.json or compare.csv; UserError when the file is not a complete massquant result."""
     if source.name == COMPARE_FILE:
         return Section("compare", TITLES["compare"], str(source.parent), compare_section(source), [("file", str(source))])
     payload = read_payload(source)
     kind = payload["command"]
     model = (payload.get("model") or {}).get("reference") or (payload.get("recipe") or {}).get("name") or ""
-    return Section(kind, f"{TITLES[kind]}: {model}" if model else TITLES[kind], str(source.parent), BUILDERS[kind](payload, source), provenance(payload, source))
+    try:
+        return Section(kind, f"{TITLES[kind]}: {model}" if model else TITLES[kind], str(source.parent), BUILDERS[kind](payload, source), provenance(payload, source))
+    except (KeyError, IndexError, TypeError) as error:  # a hand-edited or truncated file: name it, no traceback
+        raise UserError(f"'{source}' is not a complete massquant {kind} result ({type(error).__name__}: {error})") from None
 
 
 def render_report(sections: list[Section], title: str) -> str:
-    from importlib import metadata
-
-    import jinja2
-
+    """The page (HTML text) of ``sections``, through the package's Jinja2 template with autoescaping."""
     environment = jinja2.Environment(loader=jinja2.PackageLoader("massquant.reporting", "templates"), autoescape=True, undefined=jinja2.StrictUndefined)
     for number, section in enumerate(sections, start=1):
         section.anchor = f"s{number}-{section.kind}"
