@@ -76,11 +76,12 @@ def sqnr_chart(rows: list[dict], spec: str):
             projection = row["layer"][found.end():]
             by_projection.setdefault(projection, []).append((int(found.group(1)), row))
     figure, axes = new_figure(9, 7, rows=2)
-    for projection, points in by_projection.items():
+    # projections by name, coloured in that order: every model with the same projections gets the same colours
+    for (projection, points), colour in zip(sorted(by_projection.items()), SERIES_COLOURS * len(by_projection)):
         points.sort(key=lambda point: point[0])
         layers = [layer for layer, _ in points]
         for each, key in zip(axes, ("act_sqnr_db", "weight_sqnr_db")):
-            each.plot(layers, [_finite(row.get(key)) for _, row in points], marker="o", markersize=3, label=projection, color=colour_of(projection))
+            each.plot(layers, [_finite(row.get(key)) for _, row in points], marker="o", markersize=3, label=projection, color=colour)
     axes[0].set_title(f"Quantization SQNR per layer ({spec}); lower is worse")
     axes[0].set_ylabel("activation SQNR (dB)")
     axes[1].set_ylabel("weight SQNR (dB)")
