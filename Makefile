@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/massquant locate --model smollm2-135m --data enwiki-sample --n-seqs 2 --seq-len 512 --out results/demo/locate
 	$(VENV)/bin/massquant eval --model smollm2-135m --data enwiki-sample --seq-len 512 --max-tokens 2048 \
-		--spec w8a8,w8a8-tensor --massive none,keep --mitigation none,smoothquant --out results/demo/eval
+		--spec w8a8,w8a8-tensor --massive none,keep --mitigation none,smoothquant --calib-samples 4 \
+		--out results/demo/eval
 	$(VENV)/bin/massquant report results/demo --out results/demo/report.html --title "massquant demo: SmolLM2-135M"
 
 test: $(STAMP)
