@@ -186,9 +186,9 @@ def test_report_loads_offline_with_every_section_plot_and_number(results, browse
 def test_grid_colours_follow_the_ratio_to_the_baseline_on_a_fixed_log_scale():
     scale = colormaps["RdYlGn_r"]
     for ratio, fraction in [(1.0, 0.0), (0.5, 0.0), (math.sqrt(GRID_RATIO_RED), 0.5), (GRID_RATIO_RED, 1.0), (50.0, 1.0)]:
-        cell = _grid_cell({"config": "c", "ppl": 20.0 * ratio, "delta_ppl": 20.0 * ratio - 20.0}, 20.0)
+        cell = _grid_cell({"config": "c", "ppl": 20.0 * ratio, "delta_ppl": 20.0 * ratio - 20.0})
         assert f"background:{to_hex(scale(fraction))}" in cell.style
-    assert _grid_cell({"config": "c", "ppl": None}, 20.0).style == ""
+    assert _grid_cell({"config": "c", "ppl": None, "delta_ppl": None}).style == ""
 
 
 def test_report_bad_input_is_one_line_and_leaves_no_file(results, tmp_path, capsys):

@@ -185,8 +185,8 @@ def grid_block(rows: list[dict]) -> Block | None:
         table, columns = pivot([{**row, "index": index} for index, row in enumerate(measured)], view.rows, "spec", "index")
     except UserError as error:
         return Block("grid", "Mitigation × quantization grid", notes=[f"no grid: {error}"])
-    baselines = [row for row in measured if is_baseline(row)]
-    base = baselines[0]["ppl"] if baselines else None
+    baselines = [row["ppl"] for row in measured if is_baseline(row)]
+    base = baselines[0] if len(baselines) == 1 else None  # named in the note when there is one
     lines = []
     for line in table:
         cells = [Cell(str(line[key]), kind="text") for key in view.rows]
@@ -194,7 +194,7 @@ def grid_block(rows: list[dict]) -> Block | None:
             if key in view.rows:
                 continue
             row = measured[line[key]] if line.get(key) is not None else None
-            cells.append(_grid_cell(row, base))
+            cells.append(_grid_cell(row))
         unquantized = next((measured[line[key]] for key in columns if key == "spec=fp" and line.get(key) is not None), None)
         outliers = (unquantized or {}).get("outliers") or {}
         cells += _cells([outliers.get("max_abs"), outliers.get("mean_kurtosis")])
@@ -209,14 +209,15 @@ def grid_block(rows: list[dict]) -> Block | None:
     return Block("grid", "Mitigation × quantization grid", notes=notes, tables=[Table("perplexity by variant and spec", headers, lines)])
 
 
-def _grid_cell(row: dict | None, base: float | None) -> Cell:
+def _grid_cell(row: dict | None) -> Cell:
+    """A grid cell coloured by the row's perplexity ÷ its own group's baseline (``ppl - delta_ppl``)."""
     if row is None:
         return Cell("")
     text = ppl_with_delta(row) or ""
-    ppl = row.get("ppl")
-    if base is None or not isinstance(ppl, (int, float)) or not math.isfinite(ppl) or base <= 0:
+    ppl, delta = row.get("ppl"), row.get("delta_ppl")
+    if not isinstance(ppl, (int, float)) or not isinstance(delta, (int, float)) or not math.isfinite(ppl) or ppl - delta <= 0:
         return Cell(text, title=row["config"])
-    background, foreground = scaled_colour(max(math.log(max(ppl, 1e-300) / base), 0.0) / math.log(GRID_RATIO_RED))
+    background, foreground = scaled_colour(max(math.log(max(ppl, 1e-300) / (ppl - delta)), 0.0) / math.log(GRID_RATIO_RED))
     return Cell(text, style=f"background:{background};color:{foreground}", title=f"{row['config']}: {ppl!r}")
 
 
