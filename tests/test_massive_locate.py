@@ -25,7 +25,7 @@ from massquant.massive.locate import (
     LocateConfig, attention_sink_share, entries_above, excess_kurtosis, format_ranges, gram_entropy, largest,
     layer_output, locate, magnitude_profile, median_magnitude, outlier_summary, power_sums, row_magnitudes,
 )
-from massquant.massive.plots import write_plots
+from massquant.massive.plots import load_activations, write_plots
 from massquant.massive.super_weights import DEFAULT_PROMPT, find_super_weights, spike_super_weight
 from massquant.models.loading import load_model
 from tests.conftest import run_cli
@@ -208,8 +208,10 @@ def test_attention_share_and_layer_output_match_transformers(tiny, tiny_batch):
 def test_plots_are_written(planted, tiny, tiny_batch, tmp_path):
     report = locate(planted, tiny_batch, LocateConfig(attention_sink=True, entropy=True), tokenizer=tiny.tokenizer, progress=False)
     tokens = [tiny.tokenizer.decode([token]) for token in tiny_batch[0].tolist()]
-    paths = write_plots(report, tmp_path, (0, layer_output(planted, tiny_batch[0], 0), tokens))
-    assert sorted(path.name for path in paths) == ["attention-sink.png", "heatmap-layer-0.png", "magnitudes.png", "outliers.png"]
+    paths = write_plots(report.as_dict(), tmp_path, (0, layer_output(planted, tiny_batch[0], 0).numpy(), tokens))
+    assert sorted(path.name for path in paths) == [
+        "attention-sink.png", "heatmap-layer-0.png", "magnitudes-3d-layer-0.png", "magnitudes.png", "outliers.png",
+    ]
     for path in paths:
         assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 10_000
 
@@ -337,8 +339,17 @@ def test_command_in_process(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     assert saved["command"] == "locate" and saved["data"]["bos_prepended"] is True
     assert len(saved["layers"]) == 2 and len(saved["layers"][0]["top"]) == 4
     assert saved["massive_groups"] and saved["summary"]["massive_values"] == len(saved["massive"]["sites"])
-    assert sorted(saved["plots"]) == ["attention-sink.png", f"heatmap-layer-{saved['summary']['first_massive_layer']}.png", "magnitudes.png", "outliers.png"]
+    layer = saved["summary"]["first_massive_layer"]
+    assert sorted(saved["plots"]) == ["attention-sink.png", f"heatmap-layer-{layer}.png", f"magnitudes-3d-layer-{layer}.png", "magnitudes.png", "outliers.png"]
     assert all((tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE for name in saved["plots"])
+    # the heat-map layer's output of the first sequence is saved: the layer's output, recomputed independently
+    values, tokens = load_activations(tmp_path / saved["activations"]["file"])
+    loaded = load_model(model=tiny_llama_dir)
+    ids = calibration_batch(loaded.tokenizer, tiny_text_file, 2, 24, 0, bos=True)[:1]  # the command's first sequence
+    with torch.no_grad():
+        expected = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0]
+    assert saved["activations"]["shape"] == [24, 64] and tokens == [loaded.tokenizer.decode([token]) for token in ids[0].tolist()]
+    torch.testing.assert_close(torch.from_numpy(values), expected)
     assert locate_command.run(parsed(*base, "--json", "--bos", "never")) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["data"]["bos_prepended"] is False and "plots" not in printed and printed["attention_sink"] is None

@@ -6,6 +6,7 @@ import sys
 
 from massquant.errors import UserError
 from massquant.reporting.charts import delta_bars
+from massquant.reporting.figures import save_png
 from massquant.reporting.compare import (
     ROW_KEYS, View, chart_table, delta_name, header, load_payload, load_rows, resolve_view, table,
 )
@@ -53,6 +54,7 @@ def run(args) -> int:
         except UserError as error:
             print(f"massquant: no chart: {error}", file=sys.stderr)
         else:
-            written.append(delta_bars(chart_rows, chart_columns, view.rows, header(delta_name(view.value)), directory / "compare.png"))
+            figure = delta_bars(chart_rows, chart_columns, view.rows, header(delta_name(view.value)))
+            written.append(save_png(figure, directory / "compare.png"))
         print(f"\nwritten: {', '.join(map(str, written))}", file=sys.stderr)
     return 0

@@ -12,7 +12,7 @@ from massquant.evaluation.tasks import TaskSettings, TaskSuite
 from massquant.variants import check_variant
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.reporting.results import environment
-from massquant.reporting.tables import format_delta, mitigation_grid, render
+from massquant.reporting.tables import TASK_COLUMNS, format_delta, mitigation_grid, render, row_notes, task_table_rows
 
 NAME = "eval"
 HELP = "perplexity and lm-eval task scores of the full-precision baseline and each quantized configuration"
@@ -23,29 +23,6 @@ COLUMNS = {
     "tokens": "tokens",
     "seconds": "seconds",
     "notes": "notes",
-}
-
-
-def row_notes(row: dict) -> str:
-    """What a reader must know to read the number: broken windows and where they broke; values kept unquantized."""
-    notes = []
-    if row.get("non_finite_windows"):
-        notes.append(f"{row['non_finite_windows']}/{row['windows']} windows non-finite, first in {row['first_non_finite']}")
-    massive = (row.get("quantization") or {}).get("massive") or {}
-    if "kept_values" in massive:
-        notes.append(f"kept {massive['kept_values']} values unquantized ({massive['kept_fraction']:.1e} of linear inputs)")
-    return "; ".join(notes)
-
-
-TASK_COLUMNS = {
-    "config": "config",
-    "task": "task",
-    "metric": "metric",
-    "value": "value",
-    "stderr": "± stderr",
-    "delta_text": "Δ",
-    "interval_text": "CI of Δ",
-    "significant_text": "sig.",
 }
 
 
@@ -83,23 +60,6 @@ def task_suite(args) -> TaskSuite | None:
         return None
     settings = TaskSettings(names, args.limit, args.num_fewshot, args.task_batch_size, args.bos, args.bootstrap, seed=args.seed)
     return TaskSuite(settings)
-
-
-def task_table_rows(rows: list[dict]) -> list[dict]:
-    """One line per configuration x task x metric, with lm-eval's stderr and the paired-bootstrap Δ interval."""
-    lines = []
-    for row in rows:
-        for name, entry in row.get("tasks", {}).items():
-            for metric, score in entry["metrics"].items():
-                interval = ""
-                if score.get("ci_low") is not None:
-                    interval = f"[{format_delta(score['ci_low'])}, {format_delta(score['ci_high'])}]"
-                lines.append({
-                    "config": row["config"], "task": name, "metric": metric, "value": score["value"],
-                    "stderr": score["stderr"], "delta_text": format_delta(score.get("delta")), "interval_text": interval,
-                    "significant_text": {True: "*", False: "", None: ""}[score.get("significant")],
-                })
-    return lines
 
 
 def run(args) -> int:

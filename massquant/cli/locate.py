@@ -10,7 +10,7 @@ from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES, _bos_to_prepend
 from massquant.massive import MassiveCriteria
 from massquant.massive.locate import LocateConfig, attention_probabilities_available, layer_output, locate
-from massquant.massive.plots import write_plots
+from massquant.massive.plots import save_activations, write_plots
 from massquant.models.architectures import decoder_layers
 from massquant.models.loading import load_model
 from massquant.reporting.results import environment
@@ -109,17 +109,18 @@ def _positions_text(positions: list[int], shown: int = 6) -> str:
     return text + (f",… ({len(positions)})" if len(positions) > shown else "")
 
 
+def group_rows(groups: list[dict]) -> list[dict]:
+    """The saved (channel, token) groups of massive values with the texts ``MASSIVE_COLUMNS`` shows."""
+    return [{**group, "token_text": _quoted(group["token"]), "positions_text": _positions_text(group["positions"])} for group in groups]
+
+
 def tables(report, payload: dict, table_format: str) -> str:
     criteria = report.config.criteria
     heading = f"Massive activations (|a| > {criteria.abs_threshold:g} and > {criteria.median_ratio:g} x the layer's median |a|)"
     groups = payload["massive_groups"]
     sections = [heading]
     if groups:
-        rows = [
-            {**group, "token_text": _quoted(group["token"]), "positions_text": _positions_text(group["positions"])}
-            for group in groups[:SHOWN_ROWS]
-        ]
-        sections.append(render(rows, MASSIVE_COLUMNS, table_format))
+        sections.append(render(group_rows(groups[:SHOWN_ROWS]), MASSIVE_COLUMNS, table_format))
         if len(groups) > SHOWN_ROWS:
             sections.append(f"... {len(groups) - SHOWN_ROWS} more (channel, token) groups in the JSON")
     else:
@@ -181,9 +182,12 @@ def run(args) -> int:
         **report.as_dict(),
     }
     if plots:
+        # One sequence's output of the heat-map layer is kept, so that the report can draw it again.
         tokens = [loaded.tokenizer.decode([token]) for token in batch[0].tolist()]
-        heatmap = (layer, layer_output(loaded.model, batch[0], layer), tokens)
-        payload["plots"] = [path.name for path in write_plots(report, sink.directory, heatmap)]
+        values = layer_output(loaded.model, batch[0], layer).numpy()
+        saved = save_activations(sink.directory, layer, values, tokens)
+        payload["activations"] = {"layer": layer, "sequence": 0, "shape": list(values.shape), "file": saved.name}
+        payload["plots"] = [path.name for path in write_plots(payload, sink.directory, (layer, values, tokens))]
     sink.finish(payload, tables(report, payload, args.table_format))
     return 0
 

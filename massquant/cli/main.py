@@ -11,9 +11,11 @@ from massquant.cli import mitigations as mitigations_command
 from massquant.cli import train as train_command
 from massquant.cli import intervene as intervene_command
 from massquant.cli import locate as locate_command
+from massquant.cli import report as report_command
 from massquant.errors import UserError
+from massquant.reporting.results import record_command_line
 
-COMMANDS = [eval_command, errors_command, run_command, compare_command, lm_eval_command, mitigations_command, train_command, intervene_command, locate_command]
+COMMANDS = [eval_command, errors_command, run_command, compare_command, lm_eval_command, mitigations_command, train_command, intervene_command, locate_command, report_command]
 
 
 def build_parser() -> common.ArgumentParser:
@@ -31,6 +33,7 @@ def build_parser() -> common.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    record_command_line(sys.argv[1:] if argv is None else list(argv))
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "run", None):

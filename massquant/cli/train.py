@@ -29,17 +29,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--table-format", default="github", choices=TABLE_FORMATS, help="tabulate format of the printed table (default: github)")
 
 
+def training_line(payload: dict) -> str:
+    """One line on what training did: steps, tokens, time, first and last loss, where the checkpoint is."""
+    training = payload["training"]
+    return (
+        f"{payload['mitigation']}: {len(training['history'])} steps of {training['tokens_per_step']} tokens in "
+        f"{training['seconds']:.0f} s, loss {format_cell(training['first_loss'])} -> {format_cell(training['final_loss'])}; "
+        f"checkpoint: {payload['checkpoint']}"
+    )
+
+
 def summary(payload: dict, table_format: str) -> str:
     rows = [
         {**row, "max_abs": payload["massive"].get(row["stage"], {}).get("max_abs") if row["spec"] == "fp" else None}
         for row in payload["rows"]
     ]
-    training = payload["training"]
-    lines = [
-        f"{payload['mitigation']}: {len(training['history'])} steps of {training['tokens_per_step']} tokens in "
-        f"{training['seconds']:.0f} s, loss {format_cell(training['first_loss'])} -> {format_cell(training['final_loss'])}; "
-        f"checkpoint: {payload['checkpoint']}"
-    ]
+    lines = [training_line(payload)]
     if rows:
         lines += ["", render(rows, COLUMNS, table_format, signed=("delta_ppl",))]
     return "\n".join(lines)

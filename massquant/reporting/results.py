@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -42,15 +43,15 @@ def ensure_writable_dir(directory: str | os.PathLike) -> Path:
     return path
 
 
-def write_json_atomic(path: str | os.PathLike, payload) -> Path:
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
     """Write to a temporary file beside the target, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = to_json(payload)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
         with handle:
-            handle.write(text + "\n")
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
@@ -58,6 +59,18 @@ def write_json_atomic(path: str | os.PathLike, payload) -> Path:
         Path(handle.name).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, payload) -> Path:
+    return write_atomic(path, to_json(payload) + "\n")
+
+
+_COMMAND_LINE: list[str] = []  # set by the CLI's main(); stays empty when massquant is used as a library
+
+
+def record_command_line(arguments: list[str]) -> None:
+    """The CLI's arguments, so that results say how they were made (``environment()["command_line"]``)."""
+    _COMMAND_LINE[:] = ["massquant", *arguments]
 
 
 def environment() -> dict:
@@ -69,7 +82,8 @@ def environment() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    recorded = {"command_line": shlex.join(_COMMAND_LINE)} if _COMMAND_LINE else {}
     return {
         "versions": versions, "python": platform.python_version(), "platform": platform.platform(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(), **recorded,
     }

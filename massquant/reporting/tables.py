@@ -89,7 +89,7 @@ def mitigation_grid(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
     """Rows = mitigation (and massive policy where it varies), columns = spec, cells = "ppl (Δ)", then what each
     mitigation did to the outliers of the unquantized model: largest |a| and mean excess kurtosis."""
     row_keys = ["mitigation"] + (["massive"] if len({row.get("massive") for row in rows}) > 1 else [])
-    cells = [{**row, "cell": _ppl_with_delta(row)} for row in rows]
+    cells = [{**row, "cell": ppl_with_delta(row)} for row in rows]
     table, columns = pivot(cells, row_keys, "spec", "cell")
     outliers = {row.get("mitigation"): row["outliers"] for row in rows if row.get("outliers")}
     for line in table:
@@ -98,8 +98,49 @@ def mitigation_grid(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
     return table, {**columns, "max_abs": "max |a| (unquantized)", "kurtosis": "mean kurtosis"}
 
 
-def _ppl_with_delta(row: dict) -> str | None:
+def ppl_with_delta(row: dict) -> str | None:
+    """``"22.7558 (+0.5987)"``: a row's perplexity and its Δ against the baseline (none for the baseline itself)."""
     if row.get("ppl") is None:
         return None
     delta = row.get("delta_ppl")
     return format_cell(row["ppl"]) + (f" ({format_delta(delta)})" if delta else "")
+
+
+def row_notes(row: dict) -> str:
+    """What a reader must know to read a perplexity: broken windows and where they broke; values kept unquantized."""
+    notes = []
+    if row.get("non_finite_windows"):
+        notes.append(f"{row['non_finite_windows']}/{row['windows']} windows non-finite, first in {row['first_non_finite']}")
+    massive = (row.get("quantization") or {}).get("massive") or {}
+    if "kept_values" in massive:
+        notes.append(f"kept {massive['kept_values']} values unquantized ({massive['kept_fraction']:.1e} of linear inputs)")
+    return "; ".join(notes)
+
+
+TASK_COLUMNS = {
+    "config": "config",
+    "task": "task",
+    "metric": "metric",
+    "value": "value",
+    "stderr": "± stderr",
+    "delta_text": "Δ",
+    "interval_text": "CI of Δ",
+    "significant_text": "sig.",
+}
+
+
+def task_table_rows(rows: list[dict]) -> list[dict]:
+    """One line per configuration x task x metric, with lm-eval's stderr and the paired-bootstrap Δ interval."""
+    lines = []
+    for row in rows:
+        for name, entry in row.get("tasks", {}).items():
+            for metric, score in entry["metrics"].items():
+                interval = ""
+                if score.get("ci_low") is not None:
+                    interval = f"[{format_delta(score['ci_low'])}, {format_delta(score['ci_high'])}]"
+                lines.append({
+                    "config": row["config"], "task": name, "metric": metric, "value": score["value"],
+                    "stderr": score["stderr"], "delta_text": format_delta(score.get("delta")), "interval_text": interval,
+                    "significant_text": {True: "*", False: "", None: ""}[score.get("significant")],
+                })
+    return lines
