@@ -332,11 +332,14 @@ def test_command_in_process(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     base = ["--model", tiny_llama_dir, "--data", tiny_text_file, "--n-seqs", 2, "--seq-len", 24, "--threshold", 0.05, "--ratio", 3]
     assert locate_command.run(parsed(*base, "--out", tmp_path, "--top-k", 4)) == 0
     printed = capsys.readouterr().out
-    assert "Massive activations (|a| > 0.05 and > 3 x the layer's median |a|)" in printed and "Super weights" in printed
+    assert "Massive activations as phenomena (|a| > 0.05 and > 3 x the layer's median |a| (Sun et al. 2024)" in printed
+    assert "Blind spots of the criterion" in printed and "Super weights" in printed
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["command"] == "locate" and saved["data"]["bos_prepended"] is True
     assert len(saved["layers"]) == 2 and len(saved["layers"][0]["top"]) == 4
     assert saved["massive_groups"] and saved["summary"]["massive_values"] == len(saved["massive"]["sites"])
+    assert saved["criterion"]["rule"] == saved["config"]["criteria"]["rule"] == "sun"
+    assert sum(phenomenon["values"] for phenomenon in saved["phenomena"]) == len(saved["massive"]["sites"])
     assert sorted(saved["plots"]) == ["attention-sink.png", f"heatmap-layer-{saved['summary']['first_massive_layer']}.png", "magnitudes.png", "outliers.png"]
     assert all((tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE for name in saved["plots"])
     assert locate_command.run(parsed(*base, "--json", "--bos", "never")) == 0
@@ -346,14 +349,22 @@ def test_command_in_process(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
         locate_command.run(parsed(*base, "--layer", 5))
     with pytest.raises(UserError, match="median_ratio"):
         locate_command.run(parsed(*base, "--ratio", 0))
+    with pytest.raises(UserError, match="unknown massive criterion 'median'; accepted: sun, prefixquant, top-k"):
+        locate_command.run(parsed(*base, "--criterion", "median"))
+    with pytest.raises(UserError, match="takes no ratio"):
+        locate_command.run(parsed(*base, "--criterion", "top-k"))
+    assert locate_command.run(parsed(*base[:-4], "--criterion", "top-k", "--k", 2, "--threshold", 0, "--json")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # top-k: exactly k values per layer and sequence (random weights: no ties)
+    assert printed["criterion"]["rule"] == "top-k" and len(printed["massive"]["sites"]) == 2 * 2 * 2
 
 
 @pytest.mark.slow
 def test_command_on_smollm2_finds_the_massive_activation_unaided(tmp_path):
     completed = run_cli("locate", "--n-seqs", 2, "--seq-len", 128, "--out", tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    first_row = completed.stdout.split("\n")[3]  # heading, header, rule, the largest group
-    assert "| 507 " in first_row and "'<|im_start|>'" in first_row and "| 11-27 " in first_row
+    first_row = completed.stdout.split("\n")[3]  # heading, header, rule, the largest phenomenon
+    assert "channel 507 on BOS ('<|im_start|>'), layers 11–27" in first_row
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"]["first_massive_layer"] == 11
     assert "heatmap-layer-11.png" in saved["plots"] and all((tmp_path / name).is_file() for name in saved["plots"])
