@@ -14,7 +14,9 @@ from massquant.data.calibration import calibration_batch
 from massquant.errors import UserError
 from massquant.massive import MassiveCriteria
 from massquant.massive.locate import LocateConfig, criterion_cutoff, largest, locate, magnitude_profile
-from massquant.massive.phenomena import LayerProfiles, blind_spots, group_phenomena, is_delimiter, token_class
+from massquant.massive.phenomena import (
+    LayerProfiles, blind_spots, describe_blind_spots, group_phenomena, is_delimiter, merge_runs, token_class,
+)
 from massquant.massive.sites import MassiveSite
 
 
@@ -74,12 +76,33 @@ def test_blind_spots_state_low_and_high_cutoffs():
     low, high = spots
     # typical cutoff: the median of the layers' cutoffs, (2e4 + 2.1e4) / 2
     assert low["typical_cutoff"] == 2.05e4 and low["values"] == 2 and low["classes"] == {"other": 1, "delimiter": 1}
-    assert low["channels"] == [1] and low["max_value"] == 800.0
+    assert low["channels"] == {1: 2} and low["max_value"] == 800.0
     assert (high["channel"], high["value"], high["cutoff"], high["massive_cutoff"]) == (0, 1.04e5, 2.2e5, 2e4)
     assert "channel 0 on the first token reaches 1.04e+05" in high["text"] and "layers 1-2" in high["text"]
     # a value below every cutoff under which its phenomenon counted is no blind spot
     first[3][0][0] = 1.5e4
     assert [s["kind"] for s in blind_spots(phenomena, sites, profiles_for(cutoffs, first, others), "median |a|")] == ["low cutoff"]
+
+
+def test_consecutive_layers_saying_the_same_are_merged():
+    def high(layer, value, channel=163):
+        return {"layer": layer, "kind": "high cutoff", "channel": channel, "class": "the first token", "value": value,
+                "cutoff": 1000.0 * layer, "reference": float(layer), "massive_cutoff": 500.0, "massive_layers": "3-13"}
+
+    low = {"layer": 0, "kind": "low cutoff", "cutoff": 600.0, "typical_cutoff": 2e4, "reference": 0.6, "values": 30,
+           "carriers": 20, "classes": {"other": 25, "delimiter": 5}, "channels": {400: 28, 12: 2}, "max_value": 3000.0}
+    spots = [high(14, 9e4), high(15, 1.04e5), high(16, 1e5), high(17, 5e4, channel=7), high(18, 9e4),
+             low, {**low, "layer": 1, "reference": 3.2, "cutoff": 3200.0}]
+    runs = merge_runs(spots)
+    assert [[spot["layer"] for spot in run] for run in runs] == [[0, 1], [14, 15, 16], [17], [18]]
+    assert describe_blind_spots(runs[1], "median |a|") == (
+        "channel 163 on the first token reaches 9e+04–1.04e+05, more than the cutoff 500 under which it counted as "
+        "massive (layers 3-13), but median |a| 14–16 puts the cutoff at 1.4e+04–1.6e+04"
+    )
+    assert describe_blind_spots(runs[0], "median |a|") == (
+        "median |a| 0.6–3.2 puts the cutoff at 600–3.2e+03, below the typical layer's 2e+04: 60 values (50 on other "
+        "tokens, 10 on delimiter tokens; channels 400, 12) pass with |a| <= 3e+03, which the typical cutoff would not"
+    )
 
 
 def test_criteria_cutoffs_match_their_definitions():

@@ -9,7 +9,8 @@ from massquant.cli import common
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES, _bos_to_prepend
 from massquant.massive import CRITERIA, MassiveCriteria
-from massquant.massive.locate import LocateConfig, attention_probabilities_available, layer_output, locate
+from massquant.massive.locate import LocateConfig, attention_probabilities_available, layer_output, locate, reference_name
+from massquant.massive.phenomena import describe_blind_spots, merge_runs
 from massquant.massive.plots import write_plots
 from massquant.models.architectures import decoder_layers
 from massquant.models.loading import load_model
@@ -28,7 +29,7 @@ PHENOMENON_COLUMNS = {
     "carriers": "tokens",
     "sequences": "sequences",
 }
-BLIND_SPOT_COLUMNS = {"layer": "layer", "kind": "blind spot", "text": "what the criterion misses or lets through"}
+BLIND_SPOT_COLUMNS = {"layers": "layers", "kind": "blind spot", "text": "what the criterion misses or lets through"}
 LAYER_COLUMNS = {
     "layer": "layer",
     "top": "max |a|",
@@ -111,6 +112,10 @@ def _where(peak) -> str:
     return f"{peak.position} {_quoted(peak.token)} / {peak.channel}"
 
 
+def _layer_span(run: list[dict]) -> str:
+    return str(run[0]["layer"]) if len(run) == 1 else f"{run[0]['layer']}–{run[-1]['layer']}"
+
+
 def _shown(rows: list[dict], columns: dict, table_format: str, what: str, empty: str) -> list[str]:
     """A table of the first SHOWN_ROWS rows, and a line saying how many more the JSON has."""
     if not rows:
@@ -122,8 +127,12 @@ def _shown(rows: list[dict], columns: dict, table_format: str, what: str, empty:
 def tables(report, payload: dict, table_format: str) -> str:
     heading = f"Massive activations as phenomena ({report.config.criteria.describe()}; x median: ratio to the layer's median |a|)"
     sections = [heading, *_shown(payload["phenomena"], PHENOMENON_COLUMNS, table_format, "phenomena", "none found")]
-    sections += ["", "Blind spots of the criterion, per layer (cutoffs differ between layers; typical = median over layers)"]
-    sections += _shown(payload["blind_spots"], BLIND_SPOT_COLUMNS, table_format, "blind spots", "none")
+    sections += ["", "Blind spots of the criterion, per layer (cutoffs differ between layers; typical: the median layer's)"]
+    runs = [
+        {"layers": _layer_span(run), "kind": run[0]["kind"], "text": describe_blind_spots(run, reference_name(report.config.criteria))}
+        for run in merge_runs(report.blind_spots)
+    ]
+    sections += _shown(runs, BLIND_SPOT_COLUMNS, table_format, "runs of blind spots", "none")
     layer_rows = [
         {
             "layer": stats.layer,

@@ -145,60 +145,56 @@ def blind_spots(
     """Per layer, where the criterion's verdict comes from the layer's cutoff rather than the values (module docstring).
 
     ``reference_name`` says what the cutoff is a multiple of ("median |a|").
-    Each entry: ``layer``, ``kind`` (``low cutoff`` / ``high cutoff``), ``text``
-    and the numbers it states. Cutoffs and references are averaged over sequences
-    where one number per layer is shown; the tests themselves are per sequence.
+    Each entry: ``layer``, ``kind`` (``low cutoff`` / ``high cutoff``), the
+    numbers it states and ``text``. A low-cutoff entry shows its layer's cutoff
+    and reference averaged over sequences; a high-cutoff entry those of the
+    sequence where the missed value is largest. Every test is per sequence.
     """
-    layers = profiles.cutoffs.shape[0]
     layer_cutoffs = profiles.cutoffs.mean(axis=1)
     typical = float(np.median(layer_cutoffs))
     by_layer: dict[int, list[MassiveSite]] = {}
     for site in sites:
         by_layer.setdefault(site.layer, []).append(site)
+    # each site's phenomenon: the lowest cutoff each phenomenon passed, and the layers it is present in
+    by_channel: dict[int, list[tuple[int, dict, set[str]]]] = {}
+    for index, phenomenon in enumerate(phenomena):
+        by_channel.setdefault(phenomenon["channel"], []).append((index, phenomenon, {c["class"] for c in phenomenon["classes"]}))
+    lowest: dict[int, float] = {}
+    present: set[tuple[int, int]] = set()
+    for site in sites:
+        name = token_class(site.position, site.token)
+        for index, phenomenon, classes in by_channel.get(site.channel, []):
+            if name in classes and phenomenon["first_layer"] <= site.layer <= phenomenon["last_layer"]:
+                cutoff = float(profiles.cutoffs[site.layer, site.sequence])
+                lowest[index] = min(lowest.get(index, cutoff), cutoff)
+                present.add((index, site.layer))
+                break
     spots = []
-    for layer in range(layers):
-        cutoff, reference = float(layer_cutoffs[layer]), float(profiles.references[layer].mean())
+    for layer in range(profiles.cutoffs.shape[0]):
         passing = [site for site in by_layer.get(layer, []) if abs(site.value) <= typical]
         if passing:
-            carriers = {(site.sequence, site.position, token_class(site.position, site.token)) for site in passing}
-            per_class = Counter(name for _, _, name in carriers)
-            channels = Counter(site.channel for site in passing)
             spots.append({
-                "layer": layer, "kind": "low cutoff", "cutoff": cutoff, "typical_cutoff": typical, "reference": reference,
-                "values": len(passing), "carriers": len(carriers), "classes": dict(per_class),
-                "channels": [channel for channel, _ in channels.most_common(3)],
+                "layer": layer, "kind": "low cutoff", "cutoff": float(layer_cutoffs[layer]), "typical_cutoff": typical,
+                "reference": float(profiles.references[layer].mean()), "values": len(passing),
+                "carriers": len({(site.sequence, site.position) for site in passing}),
+                "classes": dict(Counter(token_class(site.position, site.token) for site in passing)),
+                "channels": dict(Counter(site.channel for site in passing).most_common()),
                 "max_value": max(abs(site.value) for site in passing),
-                "text": (
-                    f"{reference_name} {reference:.3g} puts the cutoff at {cutoff:.3g}, below the typical layer's "
-                    f"{typical:.3g}: {len(passing)} values on {len(carriers)} tokens "
-                    f"({', '.join(f'{n} {name}' for name, n in per_class.most_common())}; "
-                    f"channel{'s' if len(channels) > 1 else ''} {', '.join(str(c) for c, _ in channels.most_common(3))}) "
-                    f"pass with |a| <= {max(abs(site.value) for site in passing):.3g}, which the typical cutoff would not"
-                ),
             })
-        for phenomenon in phenomena:
-            missed = _missed_here(phenomenon, sites, profiles, layer)
+        for index, phenomenon in enumerate(phenomena):
+            if (index, layer) in present:
+                continue
+            missed = _missed_here(phenomenon, lowest[index], profiles, layer)
             if missed is not None:
-                spots.append({"layer": layer, **missed, "reference": reference, "text": (
-                    f"channel {phenomenon['channel']} on {missed['class']} reaches {missed['value']:.3g}, more than the "
-                    f"cutoff {missed['massive_cutoff']:.3g} under which it counted as massive (layers {phenomenon['layers']}), "
-                    f"but {reference_name} {float(profiles.references[layer, missed['sequence']]):.3g} puts this layer's cutoff "
-                    f"at {missed['cutoff']:.3g}"
-                )})
+                spots.append({"layer": layer, **missed, "massive_layers": phenomenon["layers"]})
+    for spot in spots:
+        spot["text"] = describe_blind_spots([spot], reference_name)
     return spots
 
 
-def _missed_here(phenomenon: dict, sites: list[MassiveSite], profiles: LayerProfiles, layer: int) -> dict | None:
-    """The largest value of the phenomenon's channel at ``layer`` that fails there but exceeds a cutoff it passed elsewhere."""
+def _missed_here(phenomenon: dict, lowest: float, profiles: LayerProfiles, layer: int) -> dict | None:
+    """The largest value of the phenomenon's channel at ``layer`` that fails there but exceeds ``lowest``, a cutoff it passed."""
     channel = phenomenon["channel"]
-    members = [
-        site for site in sites
-        if site.channel == channel and phenomenon["first_layer"] <= site.layer <= phenomenon["last_layer"]
-        and token_class(site.position, site.token) in {c["class"] for c in phenomenon["classes"]}
-    ]
-    if any(site.layer == layer for site in members):
-        return None
-    lowest = min(float(profiles.cutoffs[site.layer, site.sequence]) for site in members)
     classes = {c["class"] for c in phenomenon["classes"]}
     candidates = []
     if "first" in classes:
@@ -211,5 +207,47 @@ def _missed_here(phenomenon: dict, sites: list[MassiveSite], profiles: LayerProf
             cutoff = float(profiles.cutoffs[layer, sequence])
             if lowest < value <= cutoff and (best is None or value > best["value"]):
                 best = {"kind": "high cutoff", "channel": channel, "class": where, "value": value, "sequence": sequence,
-                        "cutoff": cutoff, "massive_cutoff": lowest}
+                        "cutoff": cutoff, "reference": float(profiles.references[layer, sequence]), "massive_cutoff": lowest}
     return best
+
+
+def _between(values: list[float]) -> str:
+    low, high = f"{min(values):.3g}", f"{max(values):.3g}"
+    return low if low == high else f"{low}–{high}"
+
+
+def merge_runs(spots: list[dict]) -> list[list[dict]]:
+    """Blind spots of consecutive layers that say the same thing (same kind; for high cutoffs, same channel and tokens)."""
+    runs: dict[tuple, list[list[dict]]] = {}
+    for spot in sorted(spots, key=lambda spot: spot["layer"]):
+        key = (spot["kind"], spot.get("channel"), spot.get("class"), spot.get("massive_layers"))
+        same = runs.setdefault(key, [])
+        if same and same[-1][-1]["layer"] == spot["layer"] - 1:
+            same[-1].append(spot)
+        else:
+            same.append([spot])
+    return sorted((run for groups in runs.values() for run in groups), key=lambda run: (run[0]["layer"], run[0]["kind"]))
+
+
+def describe_blind_spots(run: list[dict], reference_name: str) -> str:
+    """One sentence for a run of blind spots from ``merge_runs`` (or a single one), with its numbers' ranges."""
+    first = run[0]
+    references = _between([spot["reference"] for spot in run])
+    cutoffs = _between([spot["cutoff"] for spot in run])
+    if first["kind"] == "high cutoff":
+        return (
+            f"channel {first['channel']} on {first['class']} reaches {_between([spot['value'] for spot in run])}, more than "
+            f"the cutoff {first['massive_cutoff']:.3g} under which it counted as massive (layers {first['massive_layers']}), "
+            f"but {reference_name} {references} puts the cutoff at {cutoffs}"
+        )
+    classes, channels = Counter(), Counter()
+    for spot in run:
+        classes.update(spot["classes"])
+        channels.update(spot["channels"])
+    shown = [str(channel) for channel, _ in channels.most_common(3)] + (["…"] if len(channels) > 3 else [])
+    return (
+        f"{reference_name} {references} puts the cutoff at {cutoffs}, below the typical layer's {first['typical_cutoff']:.3g}: "
+        f"{sum(spot['values'] for spot in run)} values ({', '.join(f'{n} on {name} tokens' for name, n in classes.most_common())}; "
+        f"channel{'s' if len(channels) > 1 else ''} {', '.join(shown)}) pass with |a| <= "
+        f"{max(spot['max_value'] for spot in run):.3g}, which the typical cutoff would not"
+    )
