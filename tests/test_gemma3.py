@@ -17,6 +17,7 @@ from massquant.cli.main import main
 from massquant.data.calibration import calibration_batch
 from massquant.massive.locate import LocateConfig, locate
 from massquant.models.architectures import architecture_of
+from tests.conftest import decoder_layer_outputs
 from tests.test_architectures import assert_paths_carry_what_their_names_say
 
 
@@ -75,19 +76,7 @@ def gemma_batch(gemma3):
 
 @pytest.fixture(scope="module")
 def gemma_hidden(gemma3, gemma_batch):
-    """[layer][sequence] -> [tokens, hidden]: every decoder layer's output (the last one before the final norm)."""
-    model = gemma3.model
-    per_sequence = []
-    for ids in gemma_batch:
-        final_inputs = []
-        handle = model.model.norm.register_forward_pre_hook(lambda module, args: final_inputs.append(args[0][0]))
-        try:
-            with torch.no_grad():
-                hidden_states = model(input_ids=ids[None], output_hidden_states=True).hidden_states
-        finally:
-            handle.remove()
-        per_sequence.append([hidden[0] for hidden in hidden_states[1:-1]] + final_inputs)
-    return [list(layer) for layer in zip(*per_sequence)]
+    return decoder_layer_outputs(gemma3.model, gemma_batch)
 
 
 def test_massive_phenomena_and_blind_spots_match_hidden_states(gemma3, gemma_batch, gemma_hidden):

@@ -28,7 +28,7 @@ from massquant.massive.locate import (
 from massquant.massive.plots import write_plots
 from massquant.massive.super_weights import DEFAULT_PROMPT, find_super_weights, spike_super_weight
 from massquant.models.loading import load_model
-from tests.conftest import run_cli
+from tests.conftest import decoder_layer_outputs, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -238,25 +238,7 @@ def smol_report(smollm2, smol_batch):
 
 @pytest.fixture(scope="module")
 def smol_layer_outputs(smollm2, smol_batch):
-    """Every decoder layer's output, [layer][sequence] -> [tokens, hidden], from output_hidden_states.
-
-    transformers' last hidden state comes after the final norm, so the last
-    layer's raw output is taken from the norm's input with a plain hook. One
-    sequence per forward, as locate runs them: batching changes the float
-    rounding of the medians in the sixth digit.
-    """
-    model = smollm2.model
-    per_sequence = []
-    for ids in smol_batch:
-        final_inputs = []
-        handle = model.model.norm.register_forward_pre_hook(lambda module, args: final_inputs.append(args[0][0]))
-        try:
-            with torch.no_grad():
-                hidden_states = model(input_ids=ids[None], output_hidden_states=True).hidden_states
-        finally:
-            handle.remove()
-        per_sequence.append([hidden[0] for hidden in hidden_states[1:-1]] + final_inputs)
-    return [list(layer) for layer in zip(*per_sequence)]
+    return decoder_layer_outputs(smollm2.model, smol_batch)
 
 
 def test_smollm2_massive_sites_match_hidden_states(smol_report, smol_layer_outputs, smol_batch, smollm2):

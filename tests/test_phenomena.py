@@ -18,6 +18,7 @@ from massquant.massive.phenomena import (
     LayerProfiles, blind_spots, describe_blind_spots, group_phenomena, is_delimiter, merge_runs, token_class,
 )
 from massquant.massive.sites import MassiveSite
+from tests.conftest import decoder_layer_outputs
 
 
 def site(layer, sequence, position, channel, value, token, ratio=1000.0):
@@ -78,16 +79,20 @@ def test_blind_spots_state_low_and_high_cutoffs():
     assert low["typical_cutoff"] == 2.05e4 and low["values"] == 2 and low["classes"] == {"other": 1, "delimiter": 1}
     assert low["channels"] == {1: 2} and low["max_value"] == 800.0
     assert (high["channel"], high["value"], high["cutoff"], high["massive_cutoff"]) == (0, 1.04e5, 2.2e5, 2e4)
-    assert "channel 0 on the first token reaches 1.04e+05" in high["text"] and "layers 1-2" in high["text"]
-    # a value below every cutoff under which its phenomenon counted is no blind spot
-    first[3][0][0] = 1.5e4
+    assert high["text"] == (
+        "channel 0 on the first token reaches 1.04e+05, above the typical layer's cutoff 2.05e+04 and the 2e+04 it passed "
+        "as massive (layers 1-2), but median |a| 220 puts the cutoff at 2.2e+05"
+    )
+    # a value below the typical cutoff (here: above the one its phenomenon passed) is no blind spot
+    first[3][0][0] = 2.03e4
     assert [s["kind"] for s in blind_spots(phenomena, sites, profiles_for(cutoffs, first, others), "median |a|")] == ["low cutoff"]
 
 
 def test_consecutive_layers_saying_the_same_are_merged():
     def high(layer, value, channel=163):
         return {"layer": layer, "kind": "high cutoff", "channel": channel, "class": "the first token", "value": value,
-                "cutoff": 1000.0 * layer, "reference": float(layer), "massive_cutoff": 500.0, "massive_layers": "3-13"}
+                "cutoff": 1000.0 * layer, "reference": float(layer), "massive_cutoff": 500.0, "typical_cutoff": 2e4,
+                "massive_layers": "3-13"}
 
     low = {"layer": 0, "kind": "low cutoff", "cutoff": 600.0, "typical_cutoff": 2e4, "reference": 0.6, "values": 30,
            "carriers": 20, "classes": {"other": 25, "delimiter": 5}, "channels": {400: 28, 12: 2}, "max_value": 3000.0}
@@ -96,8 +101,8 @@ def test_consecutive_layers_saying_the_same_are_merged():
     runs = merge_runs(spots)
     assert [[spot["layer"] for spot in run] for run in runs] == [[0, 1], [14, 15, 16], [17], [18]]
     assert describe_blind_spots(runs[1], "median |a|") == (
-        "channel 163 on the first token reaches 9e+04–1.04e+05, more than the cutoff 500 under which it counted as "
-        "massive (layers 3-13), but median |a| 14–16 puts the cutoff at 1.4e+04–1.6e+04"
+        "channel 163 on the first token reaches 9e+04–1.04e+05, above the typical layer's cutoff 2e+04 and the 500 it "
+        "passed as massive (layers 3-13), but median |a| 14–16 puts the cutoff at 1.4e+04–1.6e+04"
     )
     assert describe_blind_spots(runs[0], "median |a|") == (
         "median |a| 0.6–3.2 puts the cutoff at 600–3.2e+03, below the typical layer's 2e+04: 60 values (50 on other "
@@ -143,19 +148,7 @@ def smol_batch(smollm2):
 
 @pytest.fixture(scope="module")
 def smol_hidden(smollm2, smol_batch):
-    """[layer][sequence] -> [tokens, hidden]: every decoder layer's output (the last one before the final norm)."""
-    model = smollm2.model
-    per_sequence = []
-    for ids in smol_batch:
-        final_inputs = []
-        handle = model.model.norm.register_forward_pre_hook(lambda module, args: final_inputs.append(args[0][0]))
-        try:
-            with torch.no_grad():
-                hidden_states = model(input_ids=ids[None], output_hidden_states=True).hidden_states
-        finally:
-            handle.remove()
-        per_sequence.append([hidden[0] for hidden in hidden_states[1:-1]] + final_inputs)
-    return [list(layer) for layer in zip(*per_sequence)]
+    return decoder_layer_outputs(smollm2.model, smol_batch)
 
 
 def expected_sites(hidden_states, rule: str) -> dict:
@@ -204,12 +197,14 @@ def test_smollm2_phenomena_and_blind_spots_match_hidden_states(smollm2, smol_bat
         assert spot["class"] == "the first token"
         assert spot["value"] == pytest.approx(abs(float(hidden[0, spot["channel"]])), rel=1e-6)
         assert spot["cutoff"] == pytest.approx(max(100.0, 1000 * float(hidden.abs().median())), rel=1e-6)
-        assert spot["massive_cutoff"] < spot["value"] <= spot["cutoff"]
-    # and every layer after the span where channel 507 of the first token is larger than the lowest cutoff it passed is stated
-    lowest = min(max(100.0, 1000 * float(smol_hidden[s.layer][s.sequence].abs().median()))
-                 for s in report.massive.sites if s.channel == 507 and s.position == 0)
+        assert spot["massive_cutoff"] < spot["value"] <= spot["cutoff"] and spot["typical_cutoff"] < spot["value"]
+    # and every layer after the span where channel 507 of the first token is above the lowest cutoff it passed and the
+    # typical layer's cutoff (the median over layers of the cutoff averaged over sequences) is stated
+    cutoffs = [[max(100.0, 1000 * float(h.abs().median())) for h in per_sequence] for per_sequence in smol_hidden]
+    typical = float(np.median([np.mean(per_sequence) for per_sequence in cutoffs]))
+    lowest = min(cutoffs[s.layer][s.sequence] for s in report.massive.sites if s.channel == 507 and s.position == 0)
     expected_layers = [
         layer for layer in range(first["last_layer"] + 1, len(smol_hidden))
-        if any(abs(float(h[0, 507])) > lowest for h in smol_hidden[layer])
+        if any(max(lowest, typical) < abs(float(h[0, 507])) <= cutoffs[layer][s] for s, h in enumerate(smol_hidden[layer]))
     ]
-    assert [spot["layer"] for spot in high if spot["channel"] == 507] == expected_layers
+    assert [spot["layer"] for spot in high if spot["channel"] == 507] == expected_layers == [28, 29]

@@ -15,9 +15,10 @@ across layers, so the same value can count in one layer and not in another.
 - ``low cutoff``: values pass only because this layer's cutoff is below the
   typical layer's (the median of the layers' cutoffs) — e.g. Gemma 3's first
   layers, whose median |a| of 0.56–3.2 lets thousands of ordinary tokens pass;
-- ``high cutoff``: a phenomenon's channel is as large here as where it counted
-  as massive, but this layer's cutoff is higher — e.g. Gemma 3's BOS value of
-  ~1e5 from layer 14 on, where the median |a| has grown to 223.
+- ``high cutoff``: a phenomenon's channel is here above the typical layer's
+  cutoff and above a cutoff it passed elsewhere, but this layer's cutoff is
+  higher still — e.g. Gemma 3's BOS value of ~1e5 from layer 14 on, where
+  the median |a| has grown to 116–223.
 """
 
 from __future__ import annotations
@@ -184,16 +185,17 @@ def blind_spots(
         for index, phenomenon in enumerate(phenomena):
             if (index, layer) in present:
                 continue
-            missed = _missed_here(phenomenon, lowest[index], profiles, layer)
+            missed = _missed_here(phenomenon, max(lowest[index], typical), profiles, layer)
             if missed is not None:
-                spots.append({"layer": layer, **missed, "massive_layers": phenomenon["layers"]})
+                spots.append({"layer": layer, **missed, "massive_cutoff": lowest[index], "typical_cutoff": typical,
+                              "massive_layers": phenomenon["layers"]})
     for spot in spots:
         spot["text"] = describe_blind_spots([spot], reference_name)
     return spots
 
 
-def _missed_here(phenomenon: dict, lowest: float, profiles: LayerProfiles, layer: int) -> dict | None:
-    """The largest value of the phenomenon's channel at ``layer`` that fails there but exceeds ``lowest``, a cutoff it passed."""
+def _missed_here(phenomenon: dict, floor: float, profiles: LayerProfiles, layer: int) -> dict | None:
+    """The largest value of the phenomenon's channel at ``layer`` that fails there but exceeds ``floor``."""
     channel = phenomenon["channel"]
     classes = {c["class"] for c in phenomenon["classes"]}
     candidates = []
@@ -205,9 +207,9 @@ def _missed_here(phenomenon: dict, lowest: float, profiles: LayerProfiles, layer
     for where, values in candidates:
         for sequence, value in enumerate(values.tolist()):
             cutoff = float(profiles.cutoffs[layer, sequence])
-            if lowest < value <= cutoff and (best is None or value > best["value"]):
+            if floor < value <= cutoff and (best is None or value > best["value"]):
                 best = {"kind": "high cutoff", "channel": channel, "class": where, "value": value, "sequence": sequence,
-                        "cutoff": cutoff, "reference": float(profiles.references[layer, sequence]), "massive_cutoff": lowest}
+                        "cutoff": cutoff, "reference": float(profiles.references[layer, sequence])}
     return best
 
 
@@ -236,9 +238,9 @@ def describe_blind_spots(run: list[dict], reference_name: str) -> str:
     cutoffs = _between([spot["cutoff"] for spot in run])
     if first["kind"] == "high cutoff":
         return (
-            f"channel {first['channel']} on {first['class']} reaches {_between([spot['value'] for spot in run])}, more than "
-            f"the cutoff {first['massive_cutoff']:.3g} under which it counted as massive (layers {first['massive_layers']}), "
-            f"but {reference_name} {references} puts the cutoff at {cutoffs}"
+            f"channel {first['channel']} on {first['class']} reaches {_between([spot['value'] for spot in run])}, above the "
+            f"typical layer's cutoff {first['typical_cutoff']:.3g} and the {first['massive_cutoff']:.3g} it passed as massive "
+            f"(layers {first['massive_layers']}), but {reference_name} {references} puts the cutoff at {cutoffs}"
         )
     classes, channels = Counter(), Counter()
     for spot in run:
