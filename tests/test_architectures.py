@@ -104,9 +104,15 @@ def _is_norm(module: nn.Module, kind: str) -> bool:
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_paths_carry_what_their_names_say(name):
     model = tiny_model(name)
+    assert len(decoder_layers(model)) == LAYERS
+    assert_paths_carry_what_their_names_say(model, torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1)))
+
+
+def assert_paths_carry_what_their_names_say(model, input_ids: torch.Tensor) -> None:
+    """Every path of the model's table entry, checked by what flows through it in one forward of ``input_ids`` [1, tokens]."""
     architecture = architecture_of(model)
     layers = decoder_layers(model)
-    assert len(layers) == LAYERS
+    hidden_size = model.get_input_embeddings().weight.shape[1]
     recorder = Recorder()
     for index, layer in enumerate(layers):
         recorder.watch(f"{index}.layer", layer)
@@ -122,7 +128,6 @@ def test_paths_carry_what_their_names_say(name):
             if getattr(architecture, field):
                 recorder.watch(f"{index}.{field}", get_path(layer, getattr(architecture, field)))
     recorder.watch("final_norm", get_path(model, architecture.final_norm))
-    input_ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():
             hidden_states = model(input_ids=input_ids, output_hidden_states=True).hidden_states
@@ -147,14 +152,14 @@ def test_paths_carry_what_their_names_say(name):
         down = get_path(layer, architecture.down_proj)
         assert isinstance(down, (nn.Linear, Conv1D))
         down_in = seen_in[f"{index}.down_proj"].shape[-1]
-        assert out_in_weight(down).shape == (HIDDEN, down_in)
+        assert out_in_weight(down).shape == (hidden_size, down_in)
         assert seen_out[f"{index}.{architecture.up_proj[-1]}"].shape[-1] in (down_in, 2 * down_in)  # fused gate_up: twice
         if architecture.mlp:
             torch.testing.assert_close(seen_out[f"{index}.mlp"], seen_out[f"{index}.down_proj"])
-        if index < LAYERS - 1:  # transformers' last hidden state is after the final norm
+        if index < len(layers) - 1:  # transformers' last hidden state is after the final norm
             torch.testing.assert_close(seen_out[f"{index}.layer"], hidden_states[index + 1])
     assert _is_norm(get_path(model, architecture.final_norm), architecture.norm_kind)
-    torch.testing.assert_close(seen_in["final_norm"], seen_out[f"{LAYERS - 1}.layer"])
+    torch.testing.assert_close(seen_in["final_norm"], seen_out[f"{len(layers) - 1}.layer"])
     torch.testing.assert_close(seen_out["final_norm"], hidden_states[-1])
 
 

@@ -28,7 +28,7 @@ from massquant.massive.locate import (
 from massquant.massive.plots import load_activations, write_plots
 from massquant.massive.super_weights import DEFAULT_PROMPT, find_super_weights, spike_super_weight
 from massquant.models.loading import load_model
-from tests.conftest import run_cli
+from tests.conftest import decoder_layer_outputs, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -240,25 +240,7 @@ def smol_report(smollm2, smol_batch):
 
 @pytest.fixture(scope="module")
 def smol_layer_outputs(smollm2, smol_batch):
-    """Every decoder layer's output, [layer][sequence] -> [tokens, hidden], from output_hidden_states.
-
-    transformers' last hidden state comes after the final norm, so the last
-    layer's raw output is taken from the norm's input with a plain hook. One
-    sequence per forward, as locate runs them: batching changes the float
-    rounding of the medians in the sixth digit.
-    """
-    model = smollm2.model
-    per_sequence = []
-    for ids in smol_batch:
-        final_inputs = []
-        handle = model.model.norm.register_forward_pre_hook(lambda module, args: final_inputs.append(args[0][0]))
-        try:
-            with torch.no_grad():
-                hidden_states = model(input_ids=ids[None], output_hidden_states=True).hidden_states
-        finally:
-            handle.remove()
-        per_sequence.append([hidden[0] for hidden in hidden_states[1:-1]] + final_inputs)
-    return [list(layer) for layer in zip(*per_sequence)]
+    return decoder_layer_outputs(smollm2.model, smol_batch)
 
 
 def test_smollm2_massive_sites_match_hidden_states(smol_report, smol_layer_outputs, smol_batch, smollm2):
@@ -334,12 +316,15 @@ def test_command_in_process(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     base = ["--model", tiny_llama_dir, "--data", tiny_text_file, "--n-seqs", 2, "--seq-len", 24, "--threshold", 0.05, "--ratio", 3]
     assert locate_command.run(parsed(*base, "--out", tmp_path, "--top-k", 4)) == 0
     printed = capsys.readouterr().out
-    assert "Massive activations (|a| > 0.05 and > 3 x the layer's median |a|)" in printed and "Super weights" in printed
+    assert "Massive activations as phenomena (|a| > 0.05 and > 3 x the layer's median |a| (Sun et al. 2024)" in printed
+    assert "Blind spots of the criterion" in printed and "Super weights" in printed
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["command"] == "locate" and saved["data"]["bos_prepended"] is True
     assert len(saved["layers"]) == 2 and len(saved["layers"][0]["top"]) == 4
     assert saved["massive_groups"] and saved["summary"]["massive_values"] == len(saved["massive"]["sites"])
     layer = saved["summary"]["first_massive_layer"]
+    assert saved["criterion"]["rule"] == saved["config"]["criteria"]["rule"] == "sun"
+    assert sum(phenomenon["values"] for phenomenon in saved["phenomena"]) == len(saved["massive"]["sites"])
     assert sorted(saved["plots"]) == ["attention-sink.png", f"heatmap-layer-{layer}.png", f"magnitudes-3d-layer-{layer}.png", "magnitudes.png", "outliers.png"]
     assert all((tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE for name in saved["plots"])
     # the heat-map layer's output of the first sequence is saved: the layer's output, recomputed independently
@@ -357,14 +342,22 @@ def test_command_in_process(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
         locate_command.run(parsed(*base, "--layer", 5))
     with pytest.raises(UserError, match="median_ratio"):
         locate_command.run(parsed(*base, "--ratio", 0))
+    with pytest.raises(UserError, match="unknown massive criterion 'median'; accepted: sun, prefixquant, top-k"):
+        locate_command.run(parsed(*base, "--criterion", "median"))
+    with pytest.raises(UserError, match="takes no ratio"):
+        locate_command.run(parsed(*base, "--criterion", "top-k"))
+    assert locate_command.run(parsed(*base[:-4], "--criterion", "top-k", "--k", 2, "--threshold", 0, "--json")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # top-k: exactly k values per layer and sequence (random weights: no ties)
+    assert printed["criterion"]["rule"] == "top-k" and len(printed["massive"]["sites"]) == 2 * 2 * 2
 
 
 @pytest.mark.slow
 def test_command_on_smollm2_finds_the_massive_activation_unaided(tmp_path):
     completed = run_cli("locate", "--n-seqs", 2, "--seq-len", 128, "--out", tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    first_row = completed.stdout.split("\n")[3]  # heading, header, rule, the largest group
-    assert "| 507 " in first_row and "'<|im_start|>'" in first_row and "| 11-27 " in first_row
+    first_row = completed.stdout.split("\n")[3]  # heading, header, rule, the largest phenomenon
+    assert "channel 507 on BOS ('<|im_start|>'), layers 11–27" in first_row
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"]["first_massive_layer"] == 11
     assert "heatmap-layer-11.png" in saved["plots"] and all((tmp_path / name).is_file() for name in saved["plots"])

@@ -8,8 +8,9 @@ from dataclasses import replace
 from massquant.cli import common
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES, _bos_to_prepend
-from massquant.massive import MassiveCriteria
-from massquant.massive.locate import LocateConfig, attention_probabilities_available, layer_output, locate
+from massquant.massive import CRITERIA, MassiveCriteria
+from massquant.massive.locate import LocateConfig, attention_probabilities_available, layer_output, locate, reference_name
+from massquant.massive.phenomena import describe_blind_spots, merge_runs
 from massquant.massive.plots import save_activations, write_plots
 from massquant.models.architectures import decoder_layers
 from massquant.models.loading import load_model
@@ -19,21 +20,22 @@ from massquant.reporting.tables import render
 NAME = "locate"
 HELP = "find massive activations and super weights: layers, channels, tokens, values; per-layer outlier statistics and plots"
 
-SHOWN_ROWS = 20  # of the massive-group and token tables; the JSON has every row
-MASSIVE_COLUMNS = {
-    "channel": "channel",
-    "token_text": "token",
-    "positions_text": "positions",
-    "layers": "layers",
+SHOWN_ROWS = 20  # of the phenomena, blind-spot and token tables; the JSON has every row
+PHENOMENON_COLUMNS = {
+    "name": "phenomenon",
     "value": "max value",
     "ratio": "x median",
+    "values": "values",
+    "carriers": "tokens",
     "sequences": "sequences",
 }
+BLIND_SPOT_COLUMNS = {"layers": "layers", "kind": "blind spot", "text": "what the criterion misses or lets through"}
 LAYER_COLUMNS = {
     "layer": "layer",
     "top": "max |a|",
     "where": "at (position token / channel)",
     "median": "median |a|",
+    "cutoff": "cutoff",
     "ratio": "x median",
     "massive": "massive",
     "kurtosis": "kurtosis",
@@ -69,11 +71,17 @@ def add_arguments(parser) -> None:
         help="prepend BOS to each sequence: auto (when the tokenizer has one), always, never (default: auto)",
     )
     criteria = parser.add_argument_group("what counts as massive")
+    criteria.add_argument(
+        "--criterion", default="sun", metavar="|".join(CRITERIA),
+        help="; ".join(f"{name}: {text}" for name, text in CRITERIA.items()) + " (default: sun)",
+    )
     criteria.add_argument("--threshold", type=float, default=MassiveCriteria.abs_threshold, help="|a| must exceed this (default: 100)")
     criteria.add_argument(
-        "--ratio", type=float, default=MassiveCriteria.median_ratio,
-        help="... and this multiple of the median |a| of its layer's tensor (default: 1000)",
+        "--ratio", type=float,
+        help="... and this multiple of the criterion's median: sun 1000 x the layer's median |a|, "
+        "prefixquant 64 x the median of the tokens' max |a| (defaults)",
     )
+    criteria.add_argument("--k", type=int, help="values per layer and sequence of the top-k criterion (default: 4)")
     criteria.add_argument("--top-k", type=common.positive_int, default=10, help="largest values kept per layer (default: 10)")
     criteria.add_argument(
         "--layer", type=int, metavar="N",
@@ -104,33 +112,34 @@ def _where(peak) -> str:
     return f"{peak.position} {_quoted(peak.token)} / {peak.channel}"
 
 
-def _positions_text(positions: list[int], shown: int = 6) -> str:
-    text = ",".join(map(str, positions[:shown]))
-    return text + (f",… ({len(positions)})" if len(positions) > shown else "")
+def _layer_span(run: list[dict]) -> str:
+    return str(run[0]["layer"]) if len(run) == 1 else f"{run[0]['layer']}–{run[-1]['layer']}"
 
 
-def group_rows(groups: list[dict]) -> list[dict]:
-    """The saved (channel, token) groups of massive values with the texts ``MASSIVE_COLUMNS`` shows."""
-    return [{**group, "token_text": _quoted(group["token"]), "positions_text": _positions_text(group["positions"])} for group in groups]
+def _shown(rows: list[dict], columns: dict, table_format: str, what: str, empty: str) -> list[str]:
+    """A table of the first SHOWN_ROWS rows, and a line saying how many more the JSON has."""
+    if not rows:
+        return [empty]
+    more = [f"... {len(rows) - SHOWN_ROWS} more {what} in the JSON"] if len(rows) > SHOWN_ROWS else []
+    return [render(rows[:SHOWN_ROWS], columns, table_format), *more]
 
 
 def tables(report, payload: dict, table_format: str) -> str:
-    criteria = report.config.criteria
-    heading = f"Massive activations (|a| > {criteria.abs_threshold:g} and > {criteria.median_ratio:g} x the layer's median |a|)"
-    groups = payload["massive_groups"]
-    sections = [heading]
-    if groups:
-        sections.append(render(group_rows(groups[:SHOWN_ROWS]), MASSIVE_COLUMNS, table_format))
-        if len(groups) > SHOWN_ROWS:
-            sections.append(f"... {len(groups) - SHOWN_ROWS} more (channel, token) groups in the JSON")
-    else:
-        sections.append("none found")
+    heading = f"Massive activations as phenomena ({report.config.criteria.describe()}; x median: ratio to the layer's median |a|)"
+    sections = [heading, *_shown(payload["phenomena"], PHENOMENON_COLUMNS, table_format, "phenomena", "none found")]
+    sections += ["", "Blind spots of the criterion, per layer (cutoffs differ between layers; typical: the median layer's)"]
+    runs = [
+        {"layers": _layer_span(run), "kind": run[0]["kind"], "text": describe_blind_spots(run, reference_name(report.config.criteria))}
+        for run in merge_runs(report.blind_spots)
+    ]
+    sections += _shown(runs, BLIND_SPOT_COLUMNS, table_format, "runs of blind spots", "none")
     layer_rows = [
         {
             "layer": stats.layer,
             "top": abs(stats.top[0].value),
             "where": _where(stats.top[0]),
             "median": stats.median,
+            "cutoff": stats.cutoff,
             "ratio": stats.top[0].ratio,
             "massive": stats.massive,
             "kurtosis": stats.kurtosis,
@@ -147,10 +156,8 @@ def tables(report, payload: dict, table_format: str) -> str:
     weights = payload["massive"]["super_weights"]
     sections.append(render(weights, SUPER_WEIGHT_COLUMNS, table_format) if weights else "none found")
     sections += ["", f"Tokens carrying massive activations ({report.sequences} sequences of {report.seq_len} tokens)"]
-    token_rows = [{**count, "token_text": _quoted(count["token"])} for count in payload["tokens"][:SHOWN_ROWS]]
-    sections.append(render(token_rows, TOKEN_COLUMNS, table_format) if token_rows else "none")
-    if len(payload["tokens"]) > SHOWN_ROWS:
-        sections.append(f"... {len(payload['tokens']) - SHOWN_ROWS} more tokens in the JSON")
+    token_rows = [{**count, "token_text": _quoted(count["token"])} for count in payload["tokens"]]
+    sections += _shown(token_rows, TOKEN_COLUMNS, table_format, "tokens", "none")
     return "\n".join(sections)
 
 
@@ -159,7 +166,8 @@ def run(args) -> int:
     sink = common.ResultSink(args)
     model_config = common.model_config(args)
     model_config.validate()
-    config = LocateConfig(criteria=MassiveCriteria(args.threshold, args.ratio), top_k=args.top_k, entropy=True).validate()
+    criteria = MassiveCriteria.named(args.criterion, args.threshold, args.ratio, args.k)
+    config = LocateConfig(criteria=criteria, top_k=args.top_k, entropy=True).validate()
     common.seed_everything(args.seed)
     loaded = load_model(model_config)
     # The attention plot needs one more pass with eager attention, only when plots are written.

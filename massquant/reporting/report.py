@@ -307,9 +307,9 @@ def locate_section(payload: dict, source: Path) -> list[Block]:
         _figure(next(text for prefix, text in captions.items() if name.startswith(prefix)), figure)
         for name, figure in locate_figures(payload, activations).items()
     ]
-    groups = locate_command.group_rows(payload["massive_groups"][:SHOWN_GROUPS])
+    phenomena = payload.get("phenomena", [])[:SHOWN_GROUPS]
     weights = payload["massive"]["super_weights"]
-    tables = [_table("massive activations by channel and token (the largest groups)", locate_command.MASSIVE_COLUMNS, groups)] if groups else []
+    tables = [_table("massive activations as phenomena (the largest)", locate_command.PHENOMENON_COLUMNS, phenomena)] if phenomena else []
     tables += [_table("super weights (down_proj weight[row, col])", locate_command.SUPER_WEIGHT_COLUMNS, weights)] if weights else []
     return [Block("locate", "Massive activations", notes=notes, tables=tables, figures=figures)]
 
