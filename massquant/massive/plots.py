@@ -13,6 +13,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from massquant.reporting.results import writing
+
 TOP_CURVES = ("largest", "2nd largest", "3rd largest")
 
 
@@ -27,9 +29,9 @@ def _figure(width: float, height: float, rows: int = 1):
 
 
 def _save(figure, path: str | Path) -> Path:
-    path = Path(path)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with writing(path) as path:
+        figure.savefig(path, dpi=120)
     return path
 
 

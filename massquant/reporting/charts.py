@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from massquant.reporting.results import writing
+
 
 def delta_bars(rows: list[dict], columns: dict[str, str], row_keys: list[str], title: str, path: str | Path) -> Path:
     """Horizontal bars, one group per table row and one bar per value column; the baseline is the zero line."""
@@ -31,7 +33,9 @@ def delta_bars(rows: list[dict], columns: dict[str, str], row_keys: list[str], t
         axes.legend(fontsize="small")
     axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        with writing(path) as path:
+            figure.savefig(path, dpi=120)
+    finally:
+        plt.close(figure)
     return path
