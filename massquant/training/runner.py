@@ -21,6 +21,7 @@ from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig, build_windows
 from massquant.evaluation.runner import evaluate_variant
 from massquant.mitigations import check_applicable, get_mitigation, variant_label
+from massquant.models.architectures import architecture_of
 from massquant.models.loading import DTYPES, LoadedModel, load_model, max_sequence_length, resolve_reference
 from massquant.quantizers.spec import parse_spec
 from massquant.reporting.results import environment, write_json_atomic
@@ -121,6 +122,11 @@ class TrainingRun:
         from massquant.validation import not_applicable
 
         check_applicable(target.model, self.choices)
+        if self.choices:  # every training-time mitigation works on decoder layers named in architectures.py
+            try:
+                architecture_of(target.model)
+            except UserError as error:
+                raise UserError(f"mitigation '{variant_label(self.choices)}': {error}") from None
         for reason in not_applicable(target, [Variant(spec) for spec in self.specs]):
             if reason:
                 raise UserError(f"recipe eval.specs: {reason}")
