@@ -71,8 +71,8 @@ def run(args) -> int:
     error = outcome.write_error or (write_errors[0] if write_errors else None)
     stale = sum(outcome.stale.values())
     print(
-        f"cells: {outcome.computed} computed ({stale} because their inputs changed), {outcome.reused} reused, "
-        f"{outcome.not_applicable} not applicable" + ("" if error else f"; results: {directory / 'results.json'}"),
+        f"cells: {outcome.computed} computed, {outcome.reused} reused, {outcome.not_applicable} not applicable "
+        f"({stale} recomputed because their inputs changed)" + ("" if error else f"; results: {directory / 'results.json'}"),
         file=sys.stderr,
     )
     if args.json:
