@@ -15,6 +15,39 @@ import typing
 from massquant.errors import UserError
 
 _TRUE = ("1", "true", "yes", "on")
+# Upper bounds of user-typed numbers: beyond them torch overflows (seeds) or allocates without end (counts).
+MAX_SIZE = 2**31 - 1  # tokens, windows, batch sizes
+MAX_SEQUENCES = 1_000_000  # calibration / sampled sequences: more is a typo, and would not fit in memory
+MAX_SEED = 2**32 - 1
+
+
+def check_int(value, name: str, low: int = 1, high: int = MAX_SIZE) -> int:
+    """``value`` as an integer in [low, high], or a UserError naming ``name`` and the accepted range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserError(f"{name} must be an integer from {low} to {high}; got {value!r}")
+    return value
+
+
+def read_yaml(path, where: str):
+    """A YAML file's content; unreadable, not UTF-8 or not YAML is one line naming the file."""
+    import yaml
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8"
+        raise UserError(f"cannot read {where}: {reason}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{where} is not valid YAML{line}: {problem}") from None
+    except RecursionError:  # deeply nested flow collections
+        raise UserError(f"{where} is nested too deeply to read") from None
 _FALSE = ("0", "false", "no", "off")
 
 

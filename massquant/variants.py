@@ -70,24 +70,37 @@ class Variant:
         }
 
 
-def check_variant(loaded, variant: Variant) -> None:
-    """Refuse, before any evaluation runs, what applying ``variant`` to this model would refuse later."""
+def check_variant_settings(variant: Variant) -> None:
+    """What is wrong with ``variant`` whatever the model: refused at once, never turned into a row."""
     for choice in variant.mitigation:
         if get_mitigation(choice.name).kind != "post-hoc":
             raise UserError(
                 f"mitigation '{choice.name}' is applied at training time: run 'massquant train' with a recipe "
                 "(see recipes/) and evaluate the checkpoint it writes"
             )
-    check_applicable(loaded.model, list(variant.mitigation))
     if variant.spec is not None and not variant.spec.is_identity:
-        get_backend(variant.spec.backend).check(loaded, variant.spec)
+        get_backend(variant.spec.backend).require()
         if variant.massive.mode == "keep" and variant.spec.backend != "fake":
             raise UserError(
                 f"--massive keep needs the fake backend's activation quantizers; '{variant.spec.backend}' "
                 "has none (suppress-zero, suppress-mean and clip work with every backend)"
             )
+
+
+def check_variant_on_model(loaded, variant: Variant) -> None:
+    """What this model's architecture and shapes refuse about ``variant``. ``loaded`` may be a loaded model or
+    ``massquant.validation.ModelFacts`` (the architecture and shapes, read before the weights load)."""
+    check_applicable(loaded.model, list(variant.mitigation))
+    if variant.spec is not None and not variant.spec.is_identity:
+        get_backend(variant.spec.backend).check(loaded, variant.spec)
     if (variant.spec is not None and variant.spec.kv_cache is not None) or variant.massive.mode != "none":
         architecture_of(loaded.model)  # KV hooks and massive hooks need to know where layers live
+
+
+def check_variant(loaded, variant: Variant) -> None:
+    """Refuse, before any evaluation runs, what applying ``variant`` to this model would refuse later."""
+    check_variant_settings(variant)
+    check_variant_on_model(loaded, variant)
 
 
 def apply_variant(loaded, variant: Variant, calibration: torch.Tensor | None) -> AppliedQuantization:

@@ -77,8 +77,8 @@ def test_cell_keys_follow_what_decides_the_numbers(text_file):
     base = dict(data=text_file, seq_len=64, specs=["w8a8", "a8-static"])
     keys = [cell.key for cell in expand(grid_recipe(**base))]
     assert len(set(keys)) == 3
-    # batch size changes how fast, not what: same keys
-    assert [cell.key for cell in expand(grid_recipe(**base, batch_size=4))] == keys
+    # batch sizes can change the last digits (padding, batched kernels): they are part of a cell's identity
+    assert not set(cell.key for cell in expand(grid_recipe(**base, batch_size=4))) & set(keys)
     # the calibration text matters only to the statically calibrated spec
     recalibrated = [cell.key for cell in expand(grid_recipe(**base, calibration={"data": text_file}))]
     assert recalibrated[:2] == keys[:2] and recalibrated[2] != keys[2]

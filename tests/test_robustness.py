@@ -74,7 +74,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def sweep_models(tmp_path_factory, tiny_llama_dir):
-    """The tiny LLaMA, one with a NaN weight, and one of an architecture massquant has no entry for."""
+    """The tiny LLaMA, one with a NaN weight, one of an architecture massquant has no entry for, and a tiny
+    Gemma 3 (gemma3_text) whole and with its weights file destroyed (what is refused before loading still is)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM
 
     nan_dir = tmp_path_factory.mktemp("nan-model")
@@ -88,7 +89,30 @@ def sweep_models(tmp_path_factory, tiny_llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4)).save_pretrained(bloom_dir)
     tokenizer.save_pretrained(bloom_dir)
-    return {"tiny": tiny_llama_dir, "nan_model": str(nan_dir), "bloom": str(bloom_dir)}
+    gemma_dir, broken_dir = make_tiny_gemma3(tmp_path_factory)
+    broken_llama = tmp_path_factory.mktemp("broken-llama")
+    for file in Path(tiny_llama_dir).iterdir():
+        (broken_llama / file.name).write_bytes(b"garbage" if file.suffix == ".safetensors" else file.read_bytes())
+    return {
+        "tiny": tiny_llama_dir, "nan_model": str(nan_dir), "bloom": str(bloom_dir), "gemma": gemma_dir,
+        "gemma_broken": broken_dir, "broken_llama": str(broken_llama),
+    }
+
+
+def make_tiny_gemma3(tmp_path_factory) -> tuple[str, str]:
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(make_tiny_llama(tmp_path_factory.mktemp("tokenizer")))
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    )
+    gemma_dir, broken_dir = tmp_path_factory.mktemp("gemma3"), tmp_path_factory.mktemp("gemma3-broken")
+    Gemma3ForCausalLM(config).save_pretrained(gemma_dir)
+    tokenizer.save_pretrained(gemma_dir)
+    for file in gemma_dir.iterdir():
+        (broken_dir / file.name).write_bytes(b"garbage" if file.suffix == ".safetensors" else file.read_bytes())
+    return str(gemma_dir), str(broken_dir)
 
 
 def _substitute(args, values):
@@ -182,3 +206,101 @@ def test_ctrl_c_keeps_finished_rows_valid(tmp_path, tiny_text_file):
     rows = json.loads(results.read_text())["rows"]
     assert len(rows) >= 2 and all(math.isfinite(row["ppl"]) for row in rows)
     assert not list(out.glob("*.tmp*")), "a temporary file was left behind"
+
+
+# Kinds run in this process through the CLI's main() (the same one-line path as a subprocess, far cheaper):
+# checks that must come before any computation, content the user can create, numbers that overflow.
+LM_EVAL = ["lm-eval", "--model", "massquant", "--tasks", "massquant_arc_easy", "--limit", "1", "--model_args"]
+GRID = "kind: grid\nmodels: ['{tiny}']\ndata: '{text}'\nseq_len: 32\nmax_tokens: 64\n"
+TRAIN = "model: '{tiny}'\nout: trained\ntrain: {{data: '{text}', seq_len: 16, batch_size: 1, steps: 1}}\neval: null\n"
+IN_PROCESS_CASES = [
+    # checked against the model's shapes and architecture before its weights load (the weights file is garbage)
+    BadInput("group wider than every layer", ["eval", "--model", "{broken_llama}", "--data", TEXT, "--spec", "w8g1024", "--out", "o"], "w8g1024"),
+    BadInput("KV group wider than head_dim", ["eval", "--model", "{broken_llama}", "--data", TEXT, "--spec", "kv8g64", "--out", "o"], "kv8g64"),
+    BadInput("mx block not dividing the width", ["eval", "--model", "{broken_llama}", "--data", TEXT, "--spec", "wmxfp4g48"], "mxfp4"),
+    BadInput("mitigation for another architecture", ["eval", "--model", "{gemma_broken}", "--data", TEXT, "--mitigation", "hadamard"], "hadamard"),
+    BadInput("recipe spec no layer can take", ["run", "r.yaml", "--out", "o"], "w4g128", {"r.yaml": GRID + "specs: [w4]\n"}),
+    BadInput("errors: group wider than every layer", ["errors", "--model", "{broken_llama}", "--data", TEXT, "--spec", "w8g1024"], "w8g1024"),
+    BadInput("errors: static activations", ["errors", "--model", TINY, "--data", TEXT, "--spec", "w8a8-static"], "static"),
+    BadInput("locate: layer out of range", ["locate", "--model", "{broken_llama}", "--data", TEXT, "--layer", "7"], "does not exist"),
+    BadInput("locate: unsupported architecture", ["locate", "--model", "{bloom}", "--data", TEXT, "--seq-len", "16"], "not supported"),
+    BadInput("intervene: unsupported architecture", ["intervene", "--model", "{bloom}", "--data", TEXT, "--seq-len", "16"], "not supported"),
+    BadInput("train: eval spec no layer can take", ["train", "t.yaml"], "w8g1024", {"t.yaml": TRAIN.replace("eval: null", "eval: {{specs: [w8g1024]}}")}),
+    BadInput("train: mitigation for another architecture", ["train", "t.yaml"], "tvr", {"t.yaml": TRAIN.replace("{tiny}", "{bloom}") + "mitigation: tvr\n"}),
+    BadInput("lm-eval: spec no layer can take", [*LM_EVAL, "pretrained={broken_llama},spec=w8g1024"], "w8g1024"),
+    # lm-eval model_args held to eval's standard, before lm-eval starts
+    BadInput("lm-eval: negative calibration samples", [*LM_EVAL, "pretrained={tiny},calib_samples=-1,spec=w8a8-static"], "calib_samples"),
+    BadInput("lm-eval: unknown dtype", [*LM_EVAL, "pretrained={tiny},dtype=float64"], "unknown dtype"),
+    BadInput("lm-eval: seed out of range", [*LM_EVAL, "pretrained={tiny},seed=-5"], "seed"),
+    BadInput("lm-eval: negative max_length", [*LM_EVAL, "pretrained={tiny},max_length=-1"], "max_length"),
+    # recipes as files a user can write
+    BadInput("recipe with no models", ["run", "r.yaml"], "'models' is empty", {"r.yaml": "kind: grid\nmodels: []\n"}),
+    BadInput("recipe not UTF-8", ["run", "r.yaml"], "not UTF-8", {"r.yaml": b"kind: grid\nname: \xff\xfe\n"}),
+    BadInput("recipe not YAML", ["run", "r.yaml"], "not valid YAML", {"r.yaml": "kind: grid\nspecs: [w8\n"}),
+    BadInput("recipe seq_len a float", ["run", "r.yaml"], "seq_len", {"r.yaml": "kind: grid\nseq_len: 5.5\n"}),
+    BadInput("recipe batch size a string", ["run", "r.yaml"], "batch_size", {"r.yaml": "kind: grid\nbatch_size: 1e3\n"}),
+    BadInput("recipe negative seed", ["run", "r.yaml"], "seed", {"r.yaml": GRID + "seed: -1\n"}),
+    BadInput("recipe zero calibration samples", ["run", "r.yaml"], "calibration samples", {"r.yaml": GRID + "calibration: {{samples: 0}}\n"}),
+    BadInput("recipe model dtype", ["run", "r.yaml"], "unknown dtype", {"r.yaml": GRID.replace("['{tiny}']", "[{{model: '{tiny}', dtype: float64}}]")}),
+    BadInput("train recipe not UTF-8", ["train", "t.yaml"], "not UTF-8", {"t.yaml": b"model: \xff\n"}),
+    BadInput("train recipe negative size", ["train", "t.yaml"], "does not make a model", {"t.yaml": TRAIN + "from_scratch: {{hidden_size: -8}}\n"}),
+    BadInput("train recipe zero steps", ["train", "t.yaml"], "train.steps", {"t.yaml": TRAIN.replace("steps: 1", "steps: 0")}),
+    BadInput("train recipe huge calibration", ["train", "t.yaml"], "calibration.samples", {"t.yaml": TRAIN + "calibration: {{samples: 100000000}}\n"}),
+    # saved results of another shape
+    BadInput("compare: foreign JSON", ["compare", "x.json"], "not a result file", {"x.json": b'{"command": "run", "rows": {"a": 1}}'}),
+    BadInput("compare: truncated JSON", ["compare", "x.json"], "cannot read results", {"x.json": b'{"command": "eval", "rows": [{"con'}),
+    BadInput("compare: non-plain row key", ["compare", "x.json"], "plain value", {"x.json": b'{"command": "run", "rows": [{"spec": [1], "ppl": 2}]}'}),
+    BadInput("compare: task scores of another shape", ["compare", "x.json"], "tasks", {"x.json": b'{"command": "eval", "rows": [{"tasks": {"t": 1}}]}'}),
+    # numbers a user can type
+    BadInput("seed overflowing", [*EVAL, "--seed", str(2**64)], "seed"),
+    BadInput("calibration samples overflowing", [*EVAL, "--spec", "a8-static", "--calib-samples", str(10**12)], "at most"),
+    BadInput("negative bnb threshold", [*EVAL, "--spec", "w8", "--bnb-threshold", "-1"], "finite number"),
+    BadInput("zero group size", [*EVAL, "--bits", "4", "--group-size", "0"], "positive integer"),
+]
+
+
+@pytest.mark.parametrize("case", IN_PROCESS_CASES, ids=[c.name for c in IN_PROCESS_CASES])
+def test_bad_input_in_process_is_one_line_exit_2(case, sweep_models, tiny_text_file, tmp_path, monkeypatch, capsys):
+    from massquant.cli.main import main
+
+    values = {**sweep_models, "text": tiny_text_file}
+    for name, content in case.files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content.format(**values))
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    code = main(_substitute(case.args, values))
+    captured = capsys.readouterr()
+    assert_one_clean_line(subprocess.CompletedProcess(case.args, code, captured.out, captured.err), case.expect)
+    assert set(tmp_path.rglob("*")) == before, f"left behind: {set(tmp_path.rglob('*')) - before}"
+
+
+def test_sweep_covers_at_least_60_kinds():
+    assert len({case.name for case in CASES + IN_PROCESS_CASES}) >= 60
+
+
+def test_a_full_disk_keeps_the_previous_results_and_every_number(tiny_llama_dir, tiny_text_file, tmp_path, monkeypatch, capsys):
+    """ENOSPC while rewriting results.json: the previous file is intact, no temporary file is left, the rows
+    are still printed, and the command ends with one line and exit 2."""
+    import errno
+
+    from massquant.cli.main import main
+    from massquant.reporting import results
+
+    out = tmp_path / "out"
+    args = ["eval", "--model", tiny_llama_dir, "--data", tiny_text_file, "--seq-len", "32", "--max-tokens", "64", "--out", str(out)]
+    assert main(args) == 0
+    previous = (out / "results.json").read_bytes()
+    capsys.readouterr()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(results.os, "fsync", full_disk)
+    assert main([*args, "--spec", "w8"]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("massquant: error: ")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in captured.err
+    assert "| w8 " in captured.out  # the measured row is not lost
+    assert (out / "results.json").read_bytes() == previous
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]

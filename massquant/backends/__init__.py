@@ -44,6 +44,10 @@ class Backend:
             raise UserError(f"backend '{self.name}' needs a CUDA GPU; use --backend fake to simulate the same spec")
         return importlib.import_module(f"massquant.backends.{self.module}")
 
+    def require(self) -> None:
+        """The library (and GPU) this backend needs, refused whatever the model."""
+        self._implementation()
+
     def check(self, loaded, spec) -> None:
         """Everything this backend would refuse about ``spec`` on this model, raised before any work."""
         self._implementation().check(loaded, spec)

@@ -14,6 +14,7 @@ from massquant.recipes import grid
 from massquant.variants import Variant
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
 from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
+from massquant.config import MAX_SEED, MAX_SEQUENCES, MAX_SIZE
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES, PerplexityConfig
 from massquant.quantizers.formats import FORMATS
@@ -30,13 +31,36 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see '{self.prog} --help')")
 
 
-def positive_int(text: str) -> int:
+def _bounded_int(text: str, low: int, high: int, kind: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected {kind} (at most {high}), got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _bounded_int(text, 1, MAX_SIZE, "a positive integer")
+
+
+def sequence_count(text: str) -> int:
+    """A number of sequences held in memory at once (calibration, sampled sequences)."""
+    return _bounded_int(text, 1, MAX_SEQUENCES, "a positive integer")
+
+
+def seed_int(text: str) -> int:
+    return _bounded_int(text, 0, MAX_SEED, "a seed from 0")
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return value
 
 
@@ -67,7 +91,7 @@ def add_sampled_sequence_arguments(parser: argparse.ArgumentParser, title: str, 
     """--data, the count flag and --seq-len of commands that run random sequences of a text (locate, errors)."""
     group = parser.add_argument_group(title)
     add_text_argument(group)
-    group.add_argument(count_flag, type=positive_int, default=count, help=f"random sequences of the text (default: {count})")
+    group.add_argument(count_flag, type=sequence_count, default=count, help=f"random sequences of the text (default: {count})")
     group.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence (default: 512)")
     return group
 
@@ -95,7 +119,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", metavar="DIR", help="write results.json (and plots, where any) into DIR")
     group.add_argument("--json", action="store_true", help="print the results JSON to stdout instead of the table")
     group.add_argument("--table-format", default="github", choices=TABLE_FORMATS, help="tabulate format of printed tables (default: github)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
 
 
 def model_config(args) -> ModelConfig:
@@ -118,16 +142,25 @@ def seed_everything(seed: int) -> None:
 
 
 class ResultSink:
-    """Where a command's JSON goes: checked before work starts, rewritten atomically as results arrive."""
+    """Where a command's JSON goes: checked before work starts, rewritten atomically as results arrive.
+
+    A write that fails mid-run (a full disk) does not stop the computation: the results are still printed
+    at the end, then the command fails with the write error, so nothing computed is lost."""
 
     def __init__(self, args, filename: str = "results.json"):
         self.directory = ensure_writable_dir(args.out) if args.out else None
         self.filename = filename
         self.print_json = args.json
+        self.write_error: UserError | None = None
 
     def save(self, payload: dict) -> None:
         if self.directory:
-            write_json_atomic(self.directory / self.filename, payload)
+            try:
+                write_json_atomic(self.directory / self.filename, payload)
+            except UserError as error:
+                self.write_error = error
+            else:
+                self.write_error = None
 
     def finish(self, payload: dict, table: str) -> None:
         self.save(payload)
@@ -135,8 +168,10 @@ class ResultSink:
             print(to_json(payload))
         else:
             print(table)
-            if self.directory:
+            if self.directory and self.write_error is None:
                 print(f"\nresults: {self.directory / self.filename}", file=sys.stderr)
+        if self.write_error is not None:
+            raise UserError(f"{self.write_error} (the results are printed above)")
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +184,7 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--spec", action="append", default=[], metavar="SPEC", help="a spec; repeat or comma-separate to compare several in one run")
     group.add_argument("--bits", type=int, help="weight bits (alone: weight-only quantization)")
     group.add_argument("--format", default="int", metavar="FMT", help=f"number format of weights and activations: int, {', '.join(f for f in FORMATS if f != 'int')}, nf4, fp4 (default: int)")
-    group.add_argument("--group-size", type=int, help="weight group size (default: 128 at 4 bits and below, else per channel)")
+    group.add_argument("--group-size", type=positive_int, help="weight group size (default: 128 at 4 bits and below, else per channel)")
     group.add_argument("--act-bits", type=int, help="activation bits (inputs of every decoder linear)")
     group.add_argument("--act-granularity", choices=ACTIVATION_GRANULARITIES, help="activation scales per token (default) or per tensor; also applies to the --spec specs")
     group.add_argument("--kv-bits", type=int, help="KV-cache bits (keys after RoPE, and values)")
@@ -161,9 +196,9 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--include", action="append", default=[], metavar="REGEX", help="quantize only linears whose name matches")
     group.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep linears whose name matches in full precision")
     group.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection (kept in full precision by default)")
-    group.add_argument("--bnb-threshold", type=float, default=6.0, help="LLM.int8 outlier threshold for --backend bnb (default: 6.0)")
+    group.add_argument("--bnb-threshold", type=non_negative_float, default=6.0, help="LLM.int8 outlier threshold for --backend bnb (default: 6.0)")
     group.add_argument("--calib-data", default=DEFAULT_CALIBRATION_TEXT, help=f"text for static ranges and GPTQ (default: {DEFAULT_CALIBRATION_TEXT})")
-    group.add_argument("--calib-samples", type=positive_int, default=16, help="calibration sequences (default: 16)")
+    group.add_argument("--calib-samples", type=sequence_count, default=16, help="calibration sequences (default: 16)")
     group.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default: 512)")
 
 

@@ -10,7 +10,7 @@ from massquant.reporting.figures import save_png
 from massquant.reporting.compare import (
     ROW_KEYS, View, chart_table, delta_name, header, load_payload, load_rows, resolve_view, table,
 )
-from massquant.reporting.results import ensure_writable_dir
+from massquant.reporting.results import ensure_writable_dir, writing
 from massquant.reporting.tables import TABLE_FORMATS, render
 
 NAME = "compare"
@@ -47,7 +47,8 @@ def run(args) -> int:
     print(render(table_rows, columns, args.table_format, signed))
     if directory:
         for table_format, name in FILES.items():
-            (directory / name).write_text(render(table_rows, columns, table_format, signed) + "\n", encoding="utf-8")
+            with writing(directory / name) as path:
+                path.write_text(render(table_rows, columns, table_format, signed) + "\n", encoding="utf-8")
         written = [directory / name for name in FILES.values()]
         try:
             chart_rows, chart_columns = chart_table(rows, view)

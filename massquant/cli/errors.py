@@ -6,6 +6,8 @@ from massquant.cli import common
 from massquant.errors import UserError
 from massquant.evaluation.layer_errors import check_measurable, layer_errors
 from massquant.models.loading import load_model
+from massquant.validation import Plan
+from massquant.variants import Variant
 from massquant.reporting.results import environment
 from massquant.reporting.tables import render
 
@@ -53,7 +55,9 @@ def run(args) -> int:
     model_config.validate()
     spec = single_spec(args)
     common.seed_everything(args.seed)
+    plan = Plan(model_config, [Variant(spec)])  # the spec against the model's shapes, before its weights load
     loaded = load_model(model_config)
+    plan.settle(loaded)
     batch = common.sampled_sequences(args, loaded, args.samples)
     rows = layer_errors(loaded.model, spec, batch)
     payload = {

@@ -9,7 +9,7 @@ from massquant.data.text import load_text
 from massquant.evaluation.perplexity import build_windows
 from massquant.evaluation.runner import OUTLIER_WINDOWS, evaluate_variants
 from massquant.evaluation.tasks import TaskSettings, TaskSuite
-from massquant.variants import check_variant
+from massquant.validation import Plan
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.reporting.results import environment
 from massquant.reporting.tables import TASK_COLUMNS, format_delta, mitigation_grid, render, row_notes, task_table_rows
@@ -76,12 +76,12 @@ def run(args) -> int:
     text = load_text(ppl_config.data) if with_ppl else None
     if common.needs_calibration(grid):
         load_text(args.calib_data)  # a missing calibration text fails now, not after the baseline
+    plan = Plan(model_config, grid)  # every configuration against the model's config and shapes, before its weights load
     loaded = load_model(model_config)
-    for variant in grid:
-        check_variant(loaded, variant)
+    reasons = plan.settle(loaded)
     windows = build_windows(loaded.tokenizer, text, ppl_config, max_sequence_length(loaded.model)) if with_ppl else None
     calibration = None
-    if common.needs_calibration(grid):
+    if common.needs_calibration([variant for variant, reason in zip(grid, reasons) if not reason]):
         calibration = calibration_batch(
             loaded.tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed,
             bos=windows.bos_token_id is not None if windows else args.bos != "never",
@@ -104,7 +104,7 @@ def run(args) -> int:
     # Outliers of each unquantized row feed the mitigation grid, so they are measured only when mitigations are compared.
     rows = evaluate_variants(
         loaded, grid, windows, calibration, ppl_config.batch_size, on_row=save_partial, tasks=tasks,
-        outlier_windows=OUTLIER_WINDOWS if args.mitigation else 0,
+        outlier_windows=OUTLIER_WINDOWS if args.mitigation else 0, not_applicable=reasons,
     )
     tables = []
     if windows:

@@ -16,7 +16,9 @@ from massquant.massive.intervene import (
     INTERVENTIONS, InterventionCounts, ResidualTarget, first_layer_target, intervene_residual, mean_tables,
     zero_super_weights,
 )
+from massquant.models.architectures import architecture_of
 from massquant.models.loading import load_model, max_sequence_length
+from massquant.validation import model_facts
 from massquant.reporting.results import environment
 from massquant.reporting.tables import format_delta, render
 
@@ -49,7 +51,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--massive-threshold", type=float, default=MassiveCriteria.abs_threshold, help="a massive value exceeds this magnitude (default: 100)")
     group.add_argument("--massive-ratio", type=float, default=MassiveCriteria.median_ratio, help="... and this multiple of its tensor's median magnitude (default: 1000)")
     group.add_argument("--calib-data", default=DEFAULT_CALIBRATION_TEXT, help=f"text that locates massive activations and measures their means (default: {DEFAULT_CALIBRATION_TEXT})")
-    group.add_argument("--calib-samples", type=common.positive_int, default=16, help="calibration sequences (default: 16)")
+    group.add_argument("--calib-samples", type=common.sequence_count, default=16, help="calibration sequences (default: 16)")
     group.add_argument("--calib-seq-len", type=common.positive_int, default=512, help="tokens per calibration sequence (default: 512)")
     common.add_output_arguments(parser)
 
@@ -72,7 +74,12 @@ def run(args) -> int:
     criteria = MassiveCriteria(args.massive_threshold, args.massive_ratio).validate()
     common.seed_everything(args.seed)
     text = load_text(ppl_config.data)
+    load_text(args.calib_data)  # a missing calibration text fails now, not after the model loads
+    facts = model_facts(model_config)
+    if facts is not None:
+        architecture_of(facts.model)  # the interventions hook decoder layers: an unknown architecture fails before loading
     loaded = load_model(model_config)
+    architecture_of(loaded.model)
     model = loaded.model
     windows = build_windows(loaded.tokenizer, text, ppl_config, max_sequence_length(model))
     calibration = calibration_batch(

@@ -14,6 +14,7 @@ from massquant.massive.phenomena import describe_blind_spots, merge_runs
 from massquant.massive.plots import save_activations, write_plots
 from massquant.models.architectures import decoder_layers
 from massquant.models.loading import load_model
+from massquant.validation import model_facts
 from massquant.reporting.results import environment
 from massquant.reporting.tables import render
 
@@ -169,6 +170,9 @@ def run(args) -> int:
     criteria = MassiveCriteria.named(args.criterion, args.threshold, args.ratio, args.k)
     config = LocateConfig(criteria=criteria, top_k=args.top_k, entropy=True).validate()
     common.seed_everything(args.seed)
+    facts = model_facts(model_config)  # the layers are known before the weights load
+    if facts is not None:
+        check_layer(args.layer, facts.model)
     loaded = load_model(model_config)
     # The attention plot needs one more pass with eager attention, only when plots are written.
     plots = sink.directory is not None

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from massquant.cli import common
+from massquant.errors import UserError
 from massquant.recipes.execute import flat_row, run_cells
 from massquant.recipes.schema import expand, load_recipe, with_overrides
 from massquant.reporting.compare import add_deltas, resolve_view, table
@@ -24,6 +25,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--data", action="append", default=[], help="replace the recipe's texts (repeat for several)")
     group.add_argument("--seq-len", type=common.positive_int, help="replace the recipe's window lengths")
     group.add_argument("--max-tokens", type=common.positive_int, help="replace the recipe's token limit")
+    parser.add_argument("--recompute", action="store_true", help="compute every cell again, ignoring cached ones")
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the results JSON to stdout instead of the table")
     output.add_argument("--table-format", default="github", choices=TABLE_FORMATS, help="format of the printed table (default: github)")
@@ -52,18 +54,36 @@ def run(args) -> int:
         "rows": [],
     }
 
+    write_errors: list[UserError] = []
+
     def save(records: list[dict]) -> None:
         payload["rows"] = add_deltas([flat_row(record) for record in records], cells[0].tasks)
-        write_json_atomic(directory / "results.json", payload)
+        try:  # a full disk does not stop the run: every row is printed at the end
+            write_json_atomic(directory / "results.json", payload)
+        except UserError as error:
+            write_errors.append(error)
+        else:
+            write_errors.clear()
 
-    outcome = run_cells(cells, directory, recipe.name, on_record=save)
-    payload.update(computed=outcome.computed, reused=outcome.reused)
+    outcome = run_cells(cells, directory, recipe.name, on_record=save, recompute=args.recompute)
+    payload.update(computed=outcome.computed, reused=outcome.reused, stale=outcome.stale, not_applicable=outcome.not_applicable)
     save(outcome.records)
-    print(f"cells: {outcome.computed} computed, {outcome.reused} reused; results: {directory / 'results.json'}", file=sys.stderr)
+    error = outcome.write_error or (write_errors[0] if write_errors else None)
+    stale = sum(outcome.stale.values())
+    print(
+        f"cells: {outcome.computed} computed, {outcome.reused} reused, {outcome.not_applicable} not applicable "
+        f"({stale} recomputed because their inputs changed)" + ("" if error else f"; results: {directory / 'results.json'}"),
+        file=sys.stderr,
+    )
     if args.json:
         print(to_json(payload))
-        return 0
-    rows = payload["rows"]
-    table_rows, columns, signed = table(rows, resolve_view(rows, view.rows, view.cols, view.value))
-    print(render(table_rows, columns, args.table_format, signed))
+    else:
+        rows = payload["rows"]
+        table_rows, columns, signed = table(rows, resolve_view(rows, view.rows, view.cols, view.value))
+        print(render(table_rows, columns, args.table_format, signed))
+        for row in rows:
+            if row.get("not_applicable"):
+                print(f"not applicable: {row['model']} {row['config']}: {row['not_applicable']}")
+    if error:
+        raise UserError(f"{error} (the results are printed above)")
     return 0

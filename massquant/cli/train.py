@@ -54,9 +54,12 @@ def run(args) -> int:
     recipe = load_recipe(args.recipe)
     if args.out:
         recipe.out = args.out
-    out = ensure_writable_dir(recipe.out)  # checked before the model loads
+    run = TrainingRun(recipe, Path(recipe.out))
+    run.check()  # the recipe against the model's config, before anything is written or loaded
+    ensure_writable_dir(recipe.out)
     common.seed_everything(recipe.train.seed)
-    payload = TrainingRun(recipe, out).run()
+    payload = run.run()
+    out = recipe.out
     if args.json:
         print(to_json(payload))
     else:

@@ -50,7 +50,7 @@ def add_deltas(rows: list[dict], baseline: dict | None, tasks: TaskSuite | None 
     for row in rows:
         if baseline is not None and row.get("ppl") is not None and baseline.get("ppl") is not None:
             row["delta_ppl"] = row["ppl"] - baseline["ppl"]
-        if tasks is not None and baseline is not None and row is not baseline and not _has_task_deltas(row):
+        if tasks is not None and baseline is not None and row is not baseline and "tasks" in row and not _has_task_deltas(row):
             for name, metrics in task_deltas(row["tasks"], baseline["tasks"], tasks.settings).items():
                 for metric, record in metrics.items():
                     row["tasks"][name]["metrics"][metric].update(record)
@@ -64,11 +64,23 @@ def _has_task_deltas(row: dict) -> bool:
 def evaluate_variants(
     loaded, variants: list[Variant], windows: TokenWindows | None, calibration: torch.Tensor | None,
     batch_size: int = 1, on_row=None, tasks: TaskSuite | None = None, outlier_windows: int = 0,
+    not_applicable: list[str | None] | None = None,
 ) -> list[dict]:
-    """One row per variant, in order; ``on_row(rows)`` runs after each so a caller can save partial results."""
+    """One row per variant, in order; ``on_row(rows)`` runs after each so a caller can save partial results.
+
+    ``not_applicable`` (from ``massquant.validation``) gives, per variant, why it cannot run on this model:
+    such a variant gets a row saying so and is not evaluated."""
+    from massquant.validation import not_applicable_row
+
     rows: list[dict] = []
     baseline = None
-    for variant in variants:
+    for index, variant in enumerate(variants):
+        reason = not_applicable[index] if not_applicable else None
+        if reason:
+            rows.append(not_applicable_row(variant, reason))
+            if on_row:
+                on_row(rows)
+            continue
         row = evaluate_variant(loaded, variant, windows, calibration, batch_size, tasks, outlier_windows)
         if variant.is_baseline and baseline is None:
             baseline = row

@@ -49,7 +49,7 @@ class TaskSettings:
     def validate(self) -> "TaskSettings":
         if not self.tasks:
             raise UserError("no tasks given; name lm-eval tasks such as massquant_arc_easy,massquant_hellaswag")
-        if self.limit is not None and not self.limit > 0:
+        if self.limit is not None and not 0 < self.limit < float("inf"):
             raise UserError(f"limit must be positive (a count, or a fraction below 1); got {self.limit}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise UserError(f"num-fewshot must be 0 or more; got {self.num_fewshot}")

@@ -19,7 +19,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from massquant.backends import get_backend
-from massquant.config import coerce, unknown_key_error
+from massquant.config import MAX_SEED, MAX_SEQUENCES, check_int, coerce, unknown_key_error
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES
@@ -129,11 +129,40 @@ def variant_from_options(options: dict) -> Variant:
     return Variant(None if spec.is_identity else spec, policy, tuple(mitigations[0]))
 
 
+def check_option_values(options: dict) -> ModelConfig | None:
+    """The ranges ``massquant eval`` enforces on the same flags; returns the loading config (None for a loaded model)."""
+    check_int(options["calib_samples"], f"{WHERE}: calib_samples", high=MAX_SEQUENCES)
+    check_int(options["calib_seq_len"], f"{WHERE}: calib_seq_len")
+    check_int(options["seed"], f"{WHERE}: seed", low=0, high=MAX_SEED)
+    if not 0 <= options["bnb_threshold"] < float("inf"):
+        raise UserError(f"{WHERE}: bnb_threshold must be a finite number >= 0; got {options['bnb_threshold']}")
+    for key in ("max_length", "batch_size", "max_batch_size"):
+        value = options.get(key)
+        if value is not None and not (key.endswith("batch_size") and str(value).startswith("auto")):
+            check_int(coerce(value, 0, key, WHERE), f"{WHERE}: {key}")
+    if isinstance(options["pretrained"], LoadedModel):
+        return None
+    config = ModelConfig(
+        model=str(options["pretrained"]), dtype=options["dtype"], device=_device(options["device"]),
+        trust_remote_code=options["trust_remote_code"], attn_implementation=options["attn_implementation"],
+    )
+    config.validate()
+    return config
+
+
 def check_model_args(arguments: dict) -> None:
-    """Everything in model_args that can be wrong without loading the model, checked before lm-eval starts."""
+    """Everything in model_args that can be wrong, checked before lm-eval starts and before the model loads:
+    keys, values and their ranges, and the variant against the model's config and shapes."""
+    from massquant.validation import Plan, not_applicable, require_runnable
+
     options = model_options(arguments)
-    variant_from_options(options)
+    config = check_option_values(options)
+    variant = variant_from_options(options)
     bos_policy(options["bos"], options["add_bos_token"])
+    if config is not None:
+        Plan(config, [variant])
+    else:
+        require_runnable([variant], not_applicable(options["pretrained"], [variant]))
 
 
 def bos_policy(bos: str, add_bos_token: bool | None) -> str:
@@ -331,6 +360,7 @@ class MassquantLM(InvariantHFLM):
     """
 
     def __init__(self, pretrained: str | LoadedModel = DEFAULT_MODEL, **model_args) -> None:
+        check_model_args({"pretrained": pretrained, **model_args})  # the one validation pass, before loading
         options = model_options({"pretrained": pretrained, **model_args})
         variant = variant_from_options(options)
         policy = bos_policy(options["bos"], options["add_bos_token"])

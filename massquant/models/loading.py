@@ -7,7 +7,6 @@ once and cached on disk (``massquant.models.cache``).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -153,23 +152,27 @@ def resolve_reference(reference: str) -> _Resolved:
     return _Resolved(reference, None, "hub")
 
 
-def _fingerprint(resolved: _Resolved, hf_config) -> str:
-    """sha256 of the weight files (or the hub commit), so a result names exactly what it measured.
-
-    For a GGUF file it is the file's hash whether the weights came from the file
-    or from the de-quantized cache, so cached and uncached loads record the same.
-    """
-    if resolved.kind == "hub":
-        return f"hub:{getattr(hf_config, '_commit_hash', None) or 'unknown-revision'}"
+def model_files(resolved: _Resolved) -> list[Path]:
+    """The files that decide a local model's numbers: the GGUF file, or every file of the directory
+    (weights, config, tokenizer), so an edited config or a model rewritten in place is a different model."""
     root = Path(resolved.path_or_id)
     if resolved.gguf_file:
-        return "sha256:" + cache.file_sha256(root / resolved.gguf_file)[:16]
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")):
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()[:16]
+        return [root / resolved.gguf_file]
+    return [path for path in root.iterdir() if path.is_file() and not path.name.startswith(".")]
+
+
+def model_fingerprint(resolved: _Resolved, hf_config=None) -> str:
+    """Content hash of the model's files (or the hub reference and commit), so a result names exactly what it
+    measured; cheap after the first time. For a GGUF file it is the file's sha256, whether the weights came
+    from the file or from the de-quantized cache, so cached and uncached loads record the same."""
+    if resolved.kind == "hub":
+        revision = getattr(hf_config, "_commit_hash", None) if hf_config is not None else None
+        return f"hub:{resolved.path_or_id}@{revision or 'unknown-revision'}"
+    if resolved.gguf_file:
+        return "sha256:" + cache.file_sha256(Path(resolved.path_or_id) / resolved.gguf_file)[:16]
+    from massquant.fingerprints import files_fingerprint
+
+    return files_fingerprint(model_files(resolved), Path(resolved.path_or_id))
 
 
 def _clear_gguf_markers(model) -> None:
@@ -201,6 +204,9 @@ def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedMo
     tokenizer, model = _open(opened, config)
     if resolved.gguf_file:
         _clear_gguf_markers(model)
+        from massquant.validation import remember_config
+
+        remember_config(resolved, model.config)  # the next run checks its configurations before loading
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -212,7 +218,7 @@ def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedMo
         tokenizer=tokenizer,
         config=config,
         source=os.path.join(resolved.path_or_id, resolved.gguf_file) if resolved.gguf_file else resolved.path_or_id,
-        fingerprint=_fingerprint(resolved, model.config),
+        fingerprint=model_fingerprint(resolved, model.config),
         extra={"weights_cache_hit": cached is not None} if gguf_sha256 else {},
     )
 

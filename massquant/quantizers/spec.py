@@ -191,6 +191,12 @@ def with_granularity(spec: QuantSpec, target: str, granularity: str) -> QuantSpe
 
 def parse_spec(text: str, **settings) -> QuantSpec:
     """``"w4g128a8-token"`` -> QuantSpec; ``settings`` fill the non-format fields (backend, include, ...)."""
+    for flag in ("include", "exclude"):  # a bad regex is refused with the spec, not when layers are selected
+        for pattern in settings.get(flag, ()):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise UserError(f"{flag} pattern '{pattern}' is not a regular expression ({error})") from None
     spec_text = text.strip().lower()
     if spec_text in ("", "fp", "none", "fp32", "bf16", "fp16"):
         return QuantSpec(**settings)

@@ -29,3 +29,13 @@ class CellCache:
 
     def store(self, record: dict) -> Path:
         return write_json_atomic(self.path(record["key"]), record)
+
+    def by_slot(self) -> dict[str, dict]:
+        """Every cached record by its slot (its settings without the inputs' fingerprints), to say why a cell
+        whose inputs changed is computed again."""
+        found: dict[str, dict] = {}
+        for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
+            record = self.load(path.stem)
+            if record is not None and isinstance(record.get("slot"), str):
+                found[record["slot"]] = record
+        return found

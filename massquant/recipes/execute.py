@@ -28,7 +28,10 @@ from massquant.recipes.schema import NO_TEXT
 from massquant.reporting.compare import task_metrics
 from massquant.reporting.results import environment
 from massquant.reporting.tables import format_cell
-from massquant.variants import check_variant
+from massquant.errors import UserError
+from massquant.models.loading import model_fingerprint, resolve_reference
+from massquant.validation import model_facts, not_applicable, not_applicable_row, require_runnable
+from massquant.variants import check_variant_settings
 
 
 @dataclass
@@ -36,6 +39,79 @@ class RunOutcome:
     records: list[dict]  # one per cell, in recipe order
     computed: int
     reused: int
+    stale: dict[str, int] = dataclasses.field(default_factory=dict)  # why cached cells were computed again -> how many
+    not_applicable: int = 0
+    write_error: UserError | None = None  # a cell or results file that could not be written (the run went on)
+
+
+def _text_fingerprint(reference: str, memo: dict) -> str:
+    if reference not in memo:
+        memo[reference] = text_fingerprint(load_text(reference))
+    return memo[reference]
+
+
+def with_inputs(cells: list[Cell]) -> list[Cell]:
+    """Each cell with the content fingerprints of its model files and texts (each input hashed once;
+    model files are cached by path, size and mtime across runs)."""
+    memo: dict = {}
+    done = []
+    for cell in cells:
+        model = cell.model.model
+        if ("model", model) not in memo:
+            memo[("model", model)] = model_fingerprint(resolve_reference(model))
+        data = None if cell.data.data == NO_TEXT else _text_fingerprint(cell.data.data, memo)
+        calibration = _text_fingerprint(cell.calibration.data, memo) if cell.variant.needs_calibration else None
+        inputs = (("model", memo[("model", model)]), ("data", data), ("calibration", calibration))
+        done.append(dataclasses.replace(cell, inputs=inputs))
+    return done
+
+
+def _changed_inputs(cell: Cell, record: dict) -> str:
+    """Which of the cell's inputs differ from what the cached record measured, in words."""
+    recorded = (record.get("identity") or {}).get("inputs") or {}
+    current = cell.identity()["inputs"]
+    names = {"model": f"model '{cell.model.model}'", "data": f"text '{cell.data.data}'", "calibration": f"calibration text '{cell.calibration.data}'"}
+    changed = [names[key] for key in names if recorded.get(key) != current.get(key)]
+    return " and ".join(changed) + " changed" if changed else "its record differs"
+
+
+def not_applicable_record(cell: Cell, key: str, recipe_name: str, reason: str) -> dict:
+    """A cell that cannot run on its model: a record like a measured one, with no numbers (never cached)."""
+    identity = cell.identity()
+    return {
+        "format": CELL_FORMAT,
+        "key": key,
+        "slot": cell.slot,
+        "recipe": recipe_name,
+        "identity": identity,
+        "model": {"reference": cell.model.model, "source": None, "fingerprint": identity["inputs"].get("model"), **vars(cell.model)},
+        "data": {**identity["data"], "text_fingerprint": identity["inputs"].get("data")},
+        "calibration": identity["calibration"],
+        "tasks": identity["tasks"],
+        "seed": cell.seed,
+        "row": not_applicable_row(cell.variant, reason),
+    }
+
+
+def applicability(cells: list[Cell]) -> dict[str, str | None]:
+    """Per cell key: why the cell cannot run on its model (None: it can), read from each model's config
+    before any weights load. Models whose config cannot be read first are left out (checked once loaded)."""
+    reasons: dict[str, str | None] = {}
+    for model in _unique_models(cells):
+        mine = [cell for cell in cells if cell.model == model]
+        facts = model_facts(model)
+        if facts is not None:
+            for cell, reason in zip(mine, not_applicable(facts, [cell.variant for cell in mine])):
+                reasons[cell.key] = reason
+    return reasons
+
+
+def _unique_models(cells: list[Cell]) -> list:
+    models: list = []
+    for cell in cells:
+        if cell.model not in models:
+            models.append(cell.model)
+    return models
 
 
 def flat_row(record: dict) -> dict:
@@ -100,6 +176,7 @@ def measure_cell(session: _ModelSession, cell: Cell, key: str, recipe_name: str,
     return {
         "format": CELL_FORMAT,
         "key": key,
+        "slot": cell.slot,
         "recipe": recipe_name,
         "identity": identity,
         "model": loaded.record(),
@@ -123,24 +200,49 @@ def measure_cell(session: _ModelSession, cell: Cell, key: str, recipe_name: str,
 
 def run_cells(
     cells: list[Cell], run_directory: Path, recipe_name: str,
-    on_record: Callable[[list[dict]], None] | None = None,
+    on_record: Callable[[list[dict]], None] | None = None, recompute: bool = False,
 ) -> RunOutcome:
-    """Reuse every cached cell, compute the rest; ``on_record(finished records)`` runs after each new cell."""
+    """Reuse every cached cell whose inputs are unchanged, compute the rest; ``on_record(finished records)`` runs
+    after each new cell. ``recompute`` ignores the cache. A cell that cannot run on its model gets a
+    "not applicable" record; only a recipe where no requested cell can run is an error."""
+    for cell in cells:  # what no model allows (a training-time mitigation, a missing library): refused at once
+        check_variant_settings(cell.variant)
+    cells = with_inputs(cells)
     cache = CellCache(run_directory)
     keys = [cell.key for cell in cells]
+    reasons = applicability(cells)
+    if len(reasons) == len(set(keys)):  # every model's config was read: a recipe where nothing can run ends here
+        require_runnable([cell.variant for cell in cells], [reasons[key] for key in keys])
     records: dict[str, dict] = {}
-    for key in keys:
-        cached = cache.load(key)
-        if cached is not None:
+    for cell, key in zip(cells, keys):
+        if reasons.get(key):
+            records[key] = not_applicable_record(cell, key, recipe_name, reasons[key])
+        elif not recompute and (cached := cache.load(key)) is not None:
             records[key] = cached
     pending = [(cell, key) for cell, key in zip(cells, keys) if key not in records]
     pending = list({key: (cell, key) for cell, key in pending}.values())  # a cell listed twice runs once
-    reused = len(set(keys)) - len(pending)
-    tqdm.write(f"{recipe_name}: {len(set(keys))} cells, {reused} reused from {cache.directory}, {len(pending)} to compute", file=sys.stderr)
+    stale: dict[str, int] = {}
+    if pending and not recompute:
+        earlier = cache.by_slot()
+        for cell, _ in pending:
+            if cell.slot in earlier:
+                reason = _changed_inputs(cell, earlier[cell.slot])
+                stale[reason] = stale.get(reason, 0) + 1
+    not_runnable = sum(1 for key in set(keys) if reasons.get(key))
+    reused = len(set(keys)) - len(pending) - not_runnable
+    explained = "".join(f"; {count} recomputed: {reason}" for reason, count in stale.items())
+    tqdm.write(
+        f"{recipe_name}: {len(set(keys))} cells, {reused} reused from {cache.directory}, {len(pending)} to compute"
+        f"{' (--recompute)' if recompute else ''}{explained}"
+        f"{f'; {not_runnable} not applicable' if not_runnable else ''}",
+        file=sys.stderr,
+    )
     # One recipe has one task setting; its names are checked (lm-eval's index built once) before any model loads.
     task_settings = next((cell.tasks for cell, _ in pending if cell.tasks is not None), None)
     suite = TaskSuite(task_settings) if task_settings is not None else None
     session = None
+    write_error = None
+    computed = 0
     progress = tqdm(total=len(pending), desc="cells", unit="cell", disable=not pending)
     try:
         for cell, key in pending:
@@ -148,12 +250,21 @@ def run_cells(
                 session = None
                 gc.collect()
                 session = _ModelSession(cell)
-                for other, _ in pending:  # what this model would refuse, refused before its first cell runs
-                    if other.model == cell.model:
-                        check_variant(session.loaded, other.variant)
+                unchecked = [other for other, other_key in pending if other.model == cell.model and other_key not in reasons]
+                # its config could not be read before loading: checked now, before its first forward
+                for other, reason in zip(unchecked, not_applicable(session.loaded, [other.variant for other in unchecked])):
+                    reasons[other.key] = reason
+            if reasons.get(key):
+                records[key] = not_applicable_record(cell, key, recipe_name, reasons[key])
+                progress.update(1)
+                continue
             progress.set_postfix_str(cell.variant.name)
             record = measure_cell(session, cell, key, recipe_name, suite if cell.tasks is not None else None)
-            cache.store(record)
+            computed += 1
+            try:
+                cache.store(record)
+            except UserError as error:  # keep computing: the records are printed at the end
+                write_error = error
             records[key] = record
             progress.update(1)
             measured = f"ppl {format_cell(record['row']['ppl'])}, " if "ppl" in record["row"] else ""
@@ -167,4 +278,8 @@ def run_cells(
     finally:
         progress.close()
     ordered = [records[key] for key in dict.fromkeys(keys)]
-    return RunOutcome(ordered, computed=len(pending), reused=reused)
+    require_runnable([cell.variant for cell in cells], [reasons.get(key) for key in keys])  # models checked only once loaded
+    return RunOutcome(
+        ordered, computed=computed, reused=reused, stale=stale,
+        not_applicable=sum(1 for key in set(keys) if reasons.get(key)), write_error=write_error,
+    )

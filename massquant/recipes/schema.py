@@ -22,9 +22,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from massquant.config import from_mapping
+from massquant.config import MAX_SEED, MAX_SEQUENCES, check_int, from_mapping, read_yaml
 from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig
@@ -75,20 +73,7 @@ class GridRecipe:
 def load_recipe(path: str | Path) -> GridRecipe:
     """Read and check a recipe file; every error is one line naming the file."""
     path = Path(path)
-    where = f"recipe '{path}'"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8"
-        raise UserError(f"cannot read {where}: {reason}") from None
-    try:
-        mapping = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"{where} is not valid YAML{line}: {problem}") from None
-    return recipe_from_mapping(mapping, where, default_name=path.stem)
+    return recipe_from_mapping(read_yaml(path, f"recipe '{path}'"), f"recipe '{path}'", default_name=path.stem)
 
 
 def recipe_from_mapping(mapping, where: str, default_name: str = "recipe") -> GridRecipe:
@@ -110,6 +95,9 @@ def recipe_from_mapping(mapping, where: str, default_name: str = "recipe") -> Gr
     if recipe.table.value not in PERPLEXITY_VALUES and not recipe.tasks:  # task metrics are named by lm-eval
         raise UserError(f"{where}: table: unknown value '{recipe.table.value}'; accepted: {', '.join(PERPLEXITY_VALUES)}")
     recipe.name = recipe.name or default_name
+    for name in ("models", "data", "seq_len"):  # an empty list would make a grid of nothing
+        if not getattr(recipe, name):
+            raise UserError(f"{where}: '{name}' is empty; list at least one (or leave the key out for the default)")
     recipe.models = [_model_config(item, where) for item in recipe.models]
     recipe.seq_len = [_optional_positive(value, "seq_len", where) for value in recipe.seq_len]
     recipe.data = [str(item) for item in recipe.data]
@@ -162,8 +150,10 @@ def expand(recipe: GridRecipe, where: str = "recipe") -> list[Cell]:
     Everything a recipe can get wrong is checked here, before any model loads.
     """
     calibration = recipe.calibration
-    if calibration.samples <= 0 or calibration.seq_len <= 0:
-        raise UserError(f"{where}: calibration samples and seq_len must be positive")
+    check_int(calibration.samples, f"{where}: calibration samples", high=MAX_SEQUENCES)
+    check_int(calibration.seq_len, f"{where}: calibration seq_len")
+    check_int(recipe.seed, f"{where}: seed", low=0, high=MAX_SEED)
+    check_int(recipe.batch_size, f"{where}: batch_size")
     _check_text(calibration.data, f"{where}: calibration")
     specs = parse_specs(
         [text for item in recipe.specs for text in item.split(",") if text.strip()], recipe.backends or ["fake"],

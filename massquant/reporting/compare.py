@@ -60,7 +60,43 @@ def load_payload(path: str | Path) -> dict:
         raise UserError(f"cannot read results '{file}': {error}") from None
     if not isinstance(payload, dict) or payload.get("command") not in ("eval", "run", "train"):
         raise UserError(f"'{file}' is not a massquant eval, train or run result (no 'command': eval|train|run)")
+    problem = _shape_problem(payload)
+    if problem:
+        raise UserError(f"'{file}' is not a result file massquant can read: {problem}")
     return payload
+
+
+def _shape_problem(payload: dict) -> str | None:
+    """What in a results file does not have the shape massquant writes (a hand-edited or foreign JSON)."""
+    rows = payload.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        return "'rows' is not a list of objects"
+    for section in ("model", "data", "eval_data", "view"):
+        if payload.get(section) is not None and not isinstance(payload[section], dict):
+            return f"'{section}' is not an object"
+    if payload["command"] == "run" and payload.get("view") is not None:
+        view = payload["view"]
+        if set(view) - {"rows", "cols", "value"} or not isinstance(view.get("rows", []), list):
+            return "'view' is not a table view (rows, cols, value)"
+    for index, row in enumerate(rows):
+        if not isinstance(row.get("config", ""), str):
+            return f"row {index}: 'config' is not a string"
+        for name in ("ppl", "mean_nll", "delta_ppl"):
+            if row.get(name) is not None and (isinstance(row[name], bool) or not isinstance(row[name], (int, float))):
+                return f"row {index}: '{name}' is not a number"
+        tasks = row.get("tasks")
+        if tasks is not None and not (
+            isinstance(tasks, dict) and all(
+                isinstance(entry, dict) and isinstance(entry.get("metrics"), dict)
+                and all(isinstance(score, dict) and "value" in score for score in entry["metrics"].values())
+                for entry in tasks.values()
+            )
+        ):
+            return f"row {index}: 'tasks' is not a mapping of task -> metrics -> value"
+        outliers = row.get("outliers")
+        if outliers and not (isinstance(outliers, dict) and {"max_abs", "mean_kurtosis"} <= set(outliers)):
+            return f"row {index}: 'outliers' lacks max_abs and mean_kurtosis"
+    return None
 
 
 def task_metrics(row: dict) -> dict[str, float]:
@@ -80,6 +116,10 @@ def outlier_values(row: dict) -> dict[str, float]:
 
 def rows_of(payload: dict, source: str) -> list[dict]:
     rows = payload["rows"] if payload["command"] == "run" else _eval_rows(payload)
+    for row in rows:  # rows are grouped and pivoted by these keys: they must be plain values
+        for key in ROW_KEYS:
+            if isinstance(row.get(key), (list, dict)):
+                raise UserError(f"'{source}' is not a result file massquant can read: '{key}' of a row is not a plain value")
     return [{**row, **task_metrics(row), **outlier_values(row), "source": source} for row in rows]
 
 

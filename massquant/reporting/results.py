@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,31 +33,55 @@ def to_json(payload) -> str:
 
 
 def ensure_writable_dir(directory: str | os.PathLike) -> Path:
-    """Checked before any work starts, so a bad --out costs nothing."""
+    """Checked before any work starts, so a bad --out costs nothing. Folders created for the check are
+    removed again: a command that fails later leaves nothing behind; writers create them when they write."""
     path = Path(directory)
+    created = [folder for folder in (path, *path.parents) if not folder.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-", delete=True)
         probe.close()
     except OSError as error:
         raise UserError(f"output directory '{directory}' is not writable ({error.strerror})") from None
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return path
 
 
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
-    """Write to a temporary file beside the target, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Around a write of ``path`` (a plot, a table): its folder is created, and a failed write is one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = content.encode("utf-8") if isinstance(content, str) else content
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield path
+    except OSError as error:
+        raise UserError(f"cannot write '{path}' ({error.strerror or error})") from None
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
+    """Write to a temporary file beside the target, then rename: readers never see half a file, and a write
+    that fails (a full or read-only disk) leaves the previous file as it was."""
+    path = Path(path)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    handle = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
         with handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+    except BaseException as error:
+        if handle is not None:
+            Path(handle.name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write '{path}' ({error.strerror or error}); the previous file, if any, is unchanged") from None
         raise
     return path
 

@@ -109,6 +109,8 @@ def ppl_with_delta(row: dict) -> str | None:
 def row_notes(row: dict) -> str:
     """What a reader must know to read a perplexity: broken windows and where they broke; values kept unquantized."""
     notes = []
+    if row.get("not_applicable"):
+        notes.append(f"not applicable: {row['not_applicable']}")
     if row.get("non_finite_windows"):
         notes.append(f"{row['non_finite_windows']}/{row['windows']} windows non-finite, first in {row['first_non_finite']}")
     massive = (row.get("quantization") or {}).get("massive") or {}

@@ -65,7 +65,14 @@ def recorded_model_class(directory: str | Path) -> type | None:
 
 def save_checkpoint(model, tokenizer, directory: str | Path) -> Path:
     """``save_pretrained`` of model and tokenizer, plus the remote-code module named in ``auto_map``."""
+    from massquant.reporting.results import writing
+
     directory = Path(directory)
+    with writing(directory / "config.json"):  # a full disk is one line, not a traceback
+        return _save_checkpoint(model, tokenizer, directory)
+
+
+def _save_checkpoint(model, tokenizer, directory: Path) -> Path:
     base = getattr(type(model), "massquant_base", type(model))
     recorded = getattr(model.config, RECORD_KEY, None)
     if recorded:

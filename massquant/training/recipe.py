@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from massquant.config import from_mapping
+from massquant.config import MAX_SEED, MAX_SEQUENCES, check_int, from_mapping, read_yaml
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT
 from massquant.data.text import DEFAULT_TEXT
 from massquant.errors import UserError
@@ -45,8 +43,10 @@ class TrainSettings:
         if self.bos not in BOS_POLICIES:
             raise UserError(f"recipe train.bos '{self.bos}' is unknown; accepted: {', '.join(BOS_POLICIES)}")
         for name in ("seq_len", "batch_size", "steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"recipe train.{name} must be a positive integer; got {getattr(self, name)}")
+            check_int(getattr(self, name), f"recipe train.{name}")
+        check_int(self.seed, "recipe train.seed", low=0, high=MAX_SEED)
+        check_int(self.warmup_steps, "recipe train.warmup_steps", low=0)
+        check_int(self.save_every, "recipe train.save_every", low=0)
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"recipe train needs lr > 0 and 0 <= min_lr_ratio <= 1; got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
         if min(self.warmup_steps, self.save_every) < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -99,8 +99,13 @@ class TrainRecipe:
     def validate(self) -> "TrainRecipe":
         self.model_config.validate()
         self.train.validate()
-        if self.eval is not None and self.eval.bos not in BOS_POLICIES:
-            raise UserError(f"recipe eval.bos '{self.eval.bos}' is unknown; accepted: {', '.join(BOS_POLICIES)}")
+        if self.eval is not None:
+            if self.eval.bos not in BOS_POLICIES:
+                raise UserError(f"recipe eval.bos '{self.eval.bos}' is unknown; accepted: {', '.join(BOS_POLICIES)}")
+            for name in ("seq_len", "max_tokens", "batch_size", "locate_sequences"):
+                check_int(getattr(self.eval, name), f"recipe eval.{name}")
+        check_int(self.calibration.samples, "recipe calibration.samples", high=MAX_SEQUENCES)
+        check_int(self.calibration.seq_len, "recipe calibration.seq_len")
         if self.from_scratch is not None and not isinstance(self.from_scratch, dict):
             raise UserError("recipe from_scratch: expected a mapping of config overrides, e.g. {hidden_size: 64, num_hidden_layers: 2}")
         return self
@@ -127,10 +132,4 @@ def parse_recipe(mapping, where: str = "recipe") -> TrainRecipe:
 
 def load_recipe(path: str | Path) -> TrainRecipe:
     path = Path(path)
-    try:
-        mapping = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise UserError(f"cannot read recipe '{path}': {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"recipe '{path}' is not valid YAML: {' '.join(str(error).split())}") from None
-    return parse_recipe(mapping, f"recipe '{path.name}'")
+    return parse_recipe(read_yaml(path, f"recipe '{path}'"), f"recipe '{path.name}'")

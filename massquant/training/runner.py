@@ -21,6 +21,7 @@ from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig, build_windows
 from massquant.evaluation.runner import evaluate_variant
 from massquant.mitigations import check_applicable, get_mitigation, variant_label
+from massquant.models.architectures import architecture_of
 from massquant.models.loading import DTYPES, LoadedModel, load_model, max_sequence_length, resolve_reference
 from massquant.quantizers.spec import parse_spec
 from massquant.reporting.results import environment, write_json_atomic
@@ -34,19 +35,19 @@ CHECKPOINT = "checkpoint"
 RESULTS = "results.json"
 
 
-def build_from_scratch(recipe: TrainRecipe) -> LoadedModel:
-    """A randomly initialised model: ``recipe.model``'s architecture and tokenizer, its config overridden."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def scratch_config(recipe: TrainRecipe):
+    """``recipe.model``'s config with the ``from_scratch`` overrides, checked by building the model on the
+    meta device (no memory, no weights): a size transformers cannot build is refused before anything runs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     resolved = resolve_reference(recipe.model)
     source = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(resolved.path_or_id, **source)
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **source)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot read the config/tokenizer of '{recipe.model}' for from_scratch: {str(error).splitlines()[0]}") from error
+        raise UserError(f"cannot read the config of '{recipe.model}' for from_scratch: {str(error).splitlines()[0]}") from error
     for key, value in recipe.from_scratch.items():
-        if not hasattr(config, key):
+        if not hasattr(config, str(key)):
             raise UserError(
                 f"recipe from_scratch: '{key}' is not a {type(config).__name__} setting; e.g. hidden_size, "
                 "intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim"
@@ -54,6 +55,30 @@ def build_from_scratch(recipe: TrainRecipe) -> LoadedModel:
         setattr(config, key, value)
     if getattr(config, "quantization_config", None) is not None:  # GGUF metadata; a fresh model is not quantized
         del config.quantization_config
+    overrides = ", ".join(f"{key}={value!r}" for key, value in recipe.from_scratch.items())
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, attn_implementation=recipe.attn)
+    except Exception as error:  # transformers reports bad sizes as many exception types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"recipe from_scratch ({overrides}) does not make a model: {first}") from None
+    bad = [name for name, parameter in skeleton.named_parameters() if parameter.numel() == 0]
+    if bad:
+        raise UserError(f"recipe from_scratch ({overrides}) makes empty weights ({bad[0]}); sizes must be positive")
+    return config, skeleton
+
+
+def build_from_scratch(recipe: TrainRecipe) -> LoadedModel:
+    """A randomly initialised model: ``recipe.model``'s architecture and tokenizer, its config overridden."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, _ = scratch_config(recipe)
+    resolved = resolve_reference(recipe.model)
+    source = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **source)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the tokenizer of '{recipe.model}' for from_scratch: {str(error).splitlines()[0]}") from error
     torch.manual_seed(recipe.train.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe.dtype], attn_implementation=recipe.attn)
     if recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available()):
@@ -82,6 +107,29 @@ class TrainingRun:
             "massive": {},
             "environment": environment(),
         }
+
+    def check(self) -> None:
+        """Before the output folder is made or a weight loads: the mitigations against the architecture, the
+        evaluation specs against the model's shapes (from its config, or the from_scratch skeleton)."""
+        from massquant.validation import ModelFacts, model_facts, not_applicable
+
+        facts = ModelFacts(scratch_config(self.recipe)[1]) if self.recipe.from_scratch is not None else model_facts(self.recipe.model_config)
+        if facts is None:
+            return  # checked on the loaded model in run(), before any forward
+        self._check_on(facts)
+
+    def _check_on(self, target) -> None:
+        from massquant.validation import not_applicable
+
+        check_applicable(target.model, self.choices)
+        if self.choices:  # every training-time mitigation works on decoder layers named in architectures.py
+            try:
+                architecture_of(target.model)
+            except UserError as error:
+                raise UserError(f"mitigation '{variant_label(self.choices)}': {error}") from None
+        for reason in not_applicable(target, [Variant(spec) for spec in self.specs]):
+            if reason:
+                raise UserError(f"recipe eval.specs: {reason}")
 
     def save(self) -> None:
         write_json_atomic(self.out / RESULTS, self.payload)
@@ -112,7 +160,7 @@ class TrainingRun:
         torch.manual_seed(recipe.train.seed)
         loaded = build_from_scratch(recipe) if recipe.from_scratch is not None else load_model(recipe.model_config)
         self.payload["model"] = {"reference": recipe.model, "source": loaded.source, "fingerprint": loaded.fingerprint}
-        check_applicable(loaded.model, self.choices)
+        self._check_on(loaded)
         tokenizer, model_max = loaded.tokenizer, max_sequence_length(loaded.model)
 
         windows, skip = None, 0
