@@ -75,15 +75,17 @@ def _changed_inputs(cell: Cell, record: dict) -> str:
     return " and ".join(changed) + " changed" if changed else "its record differs"
 
 
+def _record_head(cell: Cell, key: str, recipe_name: str) -> dict:
+    """What every cell record starts with: its format, key, slot, recipe and identity."""
+    return {"format": CELL_FORMAT, "key": key, "slot": cell.slot, "recipe": recipe_name, "identity": cell.identity()}
+
+
 def not_applicable_record(cell: Cell, key: str, recipe_name: str, reason: str) -> dict:
     """A cell that cannot run on its model: a record like a measured one, with no numbers (never cached)."""
-    identity = cell.identity()
+    head = _record_head(cell, key, recipe_name)
+    identity = head["identity"]
     return {
-        "format": CELL_FORMAT,
-        "key": key,
-        "slot": cell.slot,
-        "recipe": recipe_name,
-        "identity": identity,
+        **head,
         "model": {"reference": cell.model.model, "source": None, "fingerprint": identity["inputs"].get("model"), **vars(cell.model)},
         "data": {**identity["data"], "text_fingerprint": identity["inputs"].get("data")},
         "calibration": identity["calibration"],
@@ -171,14 +173,11 @@ def measure_cell(session: _ModelSession, cell: Cell, key: str, recipe_name: str,
     random.seed(cell.seed)
     torch.manual_seed(cell.seed)
     row = evaluate_variant(session.loaded, cell.variant, windows, calibration, cell.data.batch_size, tasks)
-    identity = cell.identity()
+    head = _record_head(cell, key, recipe_name)
+    identity = head["identity"]
     loaded = session.loaded
     return {
-        "format": CELL_FORMAT,
-        "key": key,
-        "slot": cell.slot,
-        "recipe": recipe_name,
-        "identity": identity,
+        **head,
         "model": loaded.record(),
         "data": {
             **identity["data"],

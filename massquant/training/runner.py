@@ -35,17 +35,22 @@ CHECKPOINT = "checkpoint"
 RESULTS = "results.json"
 
 
+def _read_for_scratch(recipe, auto_class, what: str):
+    """``auto_class.from_pretrained`` on ``recipe.model``'s reference (a GGUF file too); a failure is one line."""
+    resolved = resolve_reference(recipe.model)
+    source = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    try:
+        return auto_class.from_pretrained(resolved.path_or_id, **source)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the {what} of '{recipe.model}' for from_scratch: {str(error).splitlines()[0]}") from error
+
+
 def scratch_config(recipe: TrainRecipe):
     """``recipe.model``'s config with the ``from_scratch`` overrides, checked by building the model on the
     meta device (no memory, no weights): a size transformers cannot build is refused before anything runs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    resolved = resolve_reference(recipe.model)
-    source = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-    try:
-        config = AutoConfig.from_pretrained(resolved.path_or_id, **source)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read the config of '{recipe.model}' for from_scratch: {str(error).splitlines()[0]}") from error
+    config = _read_for_scratch(recipe, AutoConfig, "config")
     for key, value in recipe.from_scratch.items():
         if not hasattr(config, str(key)):
             raise UserError(
@@ -73,12 +78,7 @@ def build_from_scratch(recipe: TrainRecipe) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config, _ = scratch_config(recipe)
-    resolved = resolve_reference(recipe.model)
-    source = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **source)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read the tokenizer of '{recipe.model}' for from_scratch: {str(error).splitlines()[0]}") from error
+    tokenizer = _read_for_scratch(recipe, AutoTokenizer, "tokenizer")
     torch.manual_seed(recipe.train.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe.dtype], attn_implementation=recipe.attn)
     if recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available()):
