@@ -111,7 +111,7 @@ class TrainingRun:
     def check(self) -> None:
         """Before the output folder is made or a weight loads: the mitigations against the architecture, the
         evaluation specs against the model's shapes (from its config, or the from_scratch skeleton)."""
-        from massquant.validation import ModelFacts, model_facts, not_applicable
+        from massquant.validation import ModelFacts, model_facts
 
         facts = ModelFacts(scratch_config(self.recipe)[1]) if self.recipe.from_scratch is not None else model_facts(self.recipe.model_config)
         if facts is None:
