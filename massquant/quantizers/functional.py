@@ -248,8 +248,9 @@ def fake_quantize(
     return dequantized.reshape(padded.shape)[..., : x.shape[-1]].to(x.dtype)
 
 
-def token_mask_like(real: Tensor | None, x: Tensor) -> Tensor | None:
-    """``real`` (``[batch, tokens]``, True at real tokens) shaped to broadcast against ``x`` ``[batch, tokens, ...]``.
+def token_mask_like(real: Tensor | None, x: Tensor, token_dim: int = 1) -> Tensor | None:
+    """``real`` (``[batch, tokens]``, True at real tokens) shaped to broadcast against ``x``, whose dim 0 is the
+    batch and ``token_dim`` the tokens (``[batch, tokens, ...]`` by default, keys ``[batch, heads, tokens, head_dim]``).
 
     A 2-D ``x`` is one sequence ``[tokens, features]``; its mask is ``real[0]``.
     """
@@ -257,7 +258,9 @@ def token_mask_like(real: Tensor | None, x: Tensor) -> Tensor | None:
         return None
     if x.dim() < 3:
         return real.reshape(-1, 1)
-    return real.reshape(*real.shape, *[1] * (x.dim() - 2))
+    shape = [1] * x.dim()
+    shape[0], shape[token_dim] = real.shape
+    return real.reshape(shape)
 
 
 def outlier_cutoff(x: Tensor, abs_threshold: float, median_ratio: float, real: Tensor | None = None) -> Tensor:

@@ -55,6 +55,11 @@ def keep_mask(x: Tensor, rule: KeepRule, real: Tensor | None = None) -> Tensor |
     return outlier_mask(x, rule.abs_threshold, rule.median_ratio, rule.channels, real)
 
 
+def _padding(real: Tensor | None, x: Tensor, token_dim: int = 1) -> Tensor | None:
+    """Shaped like ``x``: True at the positions of padding tokens (``real`` is False there); None without a mask."""
+    return None if real is None else ~token_mask_like(real, x, token_dim).expand_as(x)
+
+
 def _outside(keep: Tensor | None, padding: Tensor | None) -> Tensor | None:
     if padding is None:
         return keep
@@ -91,7 +96,7 @@ def quantize_activation(
     like ``x``) marks values passed through unquantized and left out of every
     scale; so are padding positions (``real``, ``[batch, tokens]``, False there).
     """
-    padding = None if real is None else ~token_mask_like(real, x).expand_as(x)
+    padding = _padding(real, x)
     return _quantize_sequences(x, part, _ACTIVATION_GRANULARITY[part.granularity], amax, amin, _outside(keep, padding))
 
 
@@ -107,12 +112,10 @@ def quantize_kv(
     """
     if part.granularity == "token":
         by_token = states.transpose(1, 2).reshape(*states.shape[:1], states.shape[2], -1)
-        padding = None if real is None else ~token_mask_like(real, by_token).expand_as(by_token)
-        quantized = _quantize_sequences(by_token, part, "row", amax, amin, padding)
+        quantized = _quantize_sequences(by_token, part, "row", amax, amin, _padding(real, by_token))
         return quantized.reshape(states.shape[0], states.shape[2], states.shape[1], -1).transpose(1, 2)
-    padding = None if real is None else ~real[:, None, :, None].expand_as(states)
     granularity = {"head": "row", "group": "group", "tensor": "tensor"}[part.granularity]
-    return _quantize_sequences(states, part, granularity, amax, amin, padding)
+    return _quantize_sequences(states, part, granularity, amax, amin, _padding(real, states, token_dim=2))
 
 
 def real_rows(x: Tensor, real: Tensor | None, token_dim: int = 1) -> list[Tensor]:
