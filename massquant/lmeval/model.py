@@ -272,9 +272,10 @@ class InvariantHFLM(HFLM):
 
     ``policy`` is auto|always|never (see ``bos_tokenizer`` and ``context_token``);
     ``hflm_settings`` are HFLM's (``batch_size``, ``max_length``, ``prefix_token_id``, ...).
-    ``bos_tokens`` records the token ids used. Each request runs alone: on this
-    project's CPUs batching bought no speed, and a padded batch changes float32
-    GEMM rounding, which flips int8 rounding ties in quantized rows.
+    ``bos_tokens`` records the token ids used. Each request runs alone because a
+    padded batch changes GEMM shapes, hence float rounding, which flips int8
+    rounding ties in quantized rows; the price is the throughput batching would
+    buy (not measured here; it matters most on a GPU).
     """
 
     def __init__(self, model, tokenizer, policy: str, **hflm_settings) -> None:
