@@ -39,7 +39,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m ""
 
 bench: $(STAMP)
-	$(PY) -m massquant.bench --out bench-results
+	$(PY) -m massquant.benchmarks --out bench-results
 
 clean:
 	rm -rf $(VENV) results bench-results

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from massquant.bench import model_bytes
+from massquant.benchmarks.bench import model_bytes
 
 FIGURE_KEYS = {"1", "2", "3a", "3b", "4a", "4b", "5", "6a", "6b", "6c"}
 
@@ -36,7 +36,7 @@ def test_model_bytes_of_a_linear_before_and_after_bitsandbytes_int8():
 @pytest.mark.slow
 def test_quick_benchmark_reports_every_figure_against_its_goal(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "massquant.bench", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "massquant.benchmarks", "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=1500,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]

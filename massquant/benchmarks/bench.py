@@ -1,4 +1,4 @@
-"""``python -m massquant.bench``: massquant's speed, agreement and memory figures against their goals.
+"""``python -m massquant.benchmarks``: massquant's speed, agreement and memory figures against their goals.
 
 Everything is measured in one process on the embedded SmolLM2-135M. A timing is
 the median of N repeats after one warm-up round; when two things are compared
@@ -635,7 +635,7 @@ def run_benchmark(sizes: Sizes) -> tuple[dict, list[Figure]]:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m massquant.bench",
+        prog="python -m massquant.benchmarks",
         description="Benchmark massquant on the embedded model: fake-quantization overhead, perplexity speed and "
         "agreement with lm-eval, the cost of locating massive activations, GEMM efficiency and real-quantization "
         "memory, each against its goal.",
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             sizes = replace(sizes, repeats=args.repeats)
         payload, figures = run_benchmark(sizes)
     except UserError as error:
-        print(f"massquant.bench: error: {error}", file=sys.stderr)
+        print(f"massquant.benchmarks: error: {error}", file=sys.stderr)
         return 2
     path = write_json_atomic(directory / "bench.json", payload)
     print(render([figure.table_row() for figure in figures], COLUMNS))
@@ -663,5 +663,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

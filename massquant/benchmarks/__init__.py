@@ -1,0 +1,1 @@
+"""``make bench``: speed, agreement and memory figures against their goals (``bench.py``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from massquant.benchmarks.bench import main
+
+sys.exit(main())
