@@ -69,13 +69,13 @@ def test_flags_are_written_as_specs():
 def test_granularity_flags_apply_to_spec_strings():
     """`--spec w8a8 --act-granularity tensor` must mean w8a8-tensor, not a silently ignored flag."""
     from massquant.cli.main import build_parser
-    from massquant.cli.common import quant_specs
+    from massquant.options.settings import quant_specs
 
     parser = build_parser()
     args = parser.parse_args(["eval", "--spec", "w8a8,w4", "--act-granularity", "tensor", "--kv-bits", "8", "--kv-granularity", "token"])
     assert [spec.name for spec in quant_specs(args)] == ["w8a8-tensor", "w4g128", "kv8-token"]
     assert with_granularity(parse_spec("w8a8kv4"), "kv", "token") == parse_spec("w8a8kv4-token")
-    with pytest.raises(UserError, match="--act-granularity tensor needs a spec that quantizes that tensor"):
+    with pytest.raises(UserError, match="act_granularity tensor needs a spec that quantizes that tensor"):
         quant_specs(parser.parse_args(["eval", "--spec", "w4", "--act-granularity", "tensor"]))
     with pytest.raises(UserError, match="static .* scales are per tensor"):
         with_granularity(parse_spec("a8-static"), "a", "token")
