@@ -43,7 +43,7 @@ def test_spec_strings(text, weights, activations, kv):
         ("a8-channel", "granularity 'channel' is not valid for activations"),
         ("w8-static", "weights are always quantized once"),
         ("a8-mse", "applies to weights only"),
-        ("anf4", "weight-only bitsandbytes format"),
+        ("anf4", "nf4 is a weight-only format (runs on --backend bnb)"),
         ("wfp8-asym", "asymmetric quantization is only available for integer formats"),
         ("a8-static-token", "static (calibrated) scales are per tensor"),
         ("w8-group", "needs a group size"),
@@ -62,7 +62,7 @@ def test_flags_are_written_as_specs():
     assert spec_text_from_flags(kv_bits=4, kv_granularity="token") == "kv4-token"
     with pytest.raises(UserError, match="fp8_e4m3 is 8-bit only"):
         spec_text_from_flags(fmt="fp8_e4m3", bits=3)
-    with pytest.raises(UserError, match="unknown format"):
+    with pytest.raises(UserError, match="unknown number format 'int3'"):
         spec_text_from_flags(fmt="int3", bits=3)
 
 
