@@ -198,7 +198,7 @@ def test_shipped_training_recipes_parse(recipe):
         ({"mitigation": "gated:bias=40"}, "-10 <= bias <= 10"),
         ({"train": {"schedule": "step"}}, "accepted: cosine, linear, constant"),
         ({"kind": "grid", "specs": ["w8"]}, "not a training recipe"),
-        ({"train": {"lr": "fast"}}, "'lr' expects a number"),
+        ({"train": {"lr": "fast"}}, "lr: expected a number"),
     ],
 )
 def test_recipe_mistakes_are_one_line_errors(mapping, fragment):
@@ -243,7 +243,7 @@ def scratch_recipe(tiny_llama_dir, tiny_text_file):
         return parse_recipe({
             "model": tiny_llama_dir, "from_scratch": SCRATCH, "mitigation": mitigation,
             "train": {"data": tiny_text_file, "seq_len": 32, "batch_size": 4, "steps": steps, "lr": 3e-3, "warmup_steps": 2, **train},
-            "calibration": {"data": tiny_text_file, "samples": 2, "seq_len": 32},
+            "calib_data": tiny_text_file, "calib_samples": 2, "calib_seq_len": 32,
             "eval": None,
         })
 

@@ -114,11 +114,14 @@ class Option:
 
     def help_text(self, default=None) -> str:
         shown = self.default if default is None else default
+        text = self.help
+        if self.many and not callable(self.choices) and self.choices:  # a list's metavar cannot show them
+            text += f"; one or more of {', '.join(self.choices)}"
         if shown in (None, False, [], ()):
-            return self.help
+            return text
         if isinstance(shown, (list, tuple)):
             shown = ",".join(map(str, shown))
-        return f"{self.help} (default: {shown})"
+        return f"{text} (default: {shown})"
 
 
 def _number(bound: float) -> str:

@@ -94,7 +94,7 @@ def parse_recipe(mapping, where: str = "recipe") -> TrainRecipe:
         raise UserError(f"{where}: expected a mapping with keys such as model, mitigation, train, eval")
     if mapping.get("kind", RECIPE_KIND) != RECIPE_KIND:  # before the keys: a grid recipe has other ones
         raise UserError(f"{where} has 'kind: {mapping['kind']}', not a training recipe (kind: {RECIPE_KIND}); run it with 'massquant run'")
-    top = options.from_mapping(mapping, TOP_GROUPS, where, extra=TOP_KEYS, skip=("trust_remote_code",))
+    top = options.from_mapping(mapping, TOP_GROUPS, where, extra=TOP_KEYS)
     if len(top.mitigation) != 1:
         raise UserError(f"{where}: mitigation names {len(top.mitigation)} variants; a training run trains one (combine with '+')")
     from_scratch = mapping.get("from_scratch")
