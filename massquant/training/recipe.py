@@ -36,6 +36,10 @@ class TrainSettings:
     bos: str = "auto"
     seed: int = 0
     save_every: int = 0  # also write checkpoint-<step>/ every N steps; 0: only the final checkpoint
+    # per-layer massive-activation statistics every N steps (and before the first), on record_sequences
+    # held-out windows: massquant.analysis.dynamics; 0: not recorded
+    record_every: int = 0
+    record_sequences: int = 2
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -47,6 +51,8 @@ class TrainSettings:
         check_int(self.seed, "recipe train.seed", low=0, high=MAX_SEED)
         check_int(self.warmup_steps, "recipe train.warmup_steps", low=0)
         check_int(self.save_every, "recipe train.save_every", low=0)
+        check_int(self.record_every, "recipe train.record_every", low=0)
+        check_int(self.record_sequences, "recipe train.record_sequences", high=MAX_SEQUENCES)
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"recipe train needs lr > 0 and 0 <= min_lr_ratio <= 1; got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
         if min(self.warmup_steps, self.save_every) < 0 or self.weight_decay < 0 or self.grad_clip < 0:
