@@ -81,7 +81,7 @@ def test_class_errors_match_a_hand_quantized_per_token_int4():
     assert errors.sqnr("other") == pytest.approx(10 * math.log10(other_signal / other_noise), rel=1e-6)
     assert errors.sqnr("massive", "q_proj") == pytest.approx(
         10 * math.log10(float(x[0, 0].double().square().sum()) / float(expected_noise[0])), rel=1e-6)
-    assert errors.as_dict()["rows"] == {"massive": 1, "other": 5}
+    assert errors.as_dict()["rows"] == {"massive": 2, "other": 10}  # tokens x linear inputs
 
 
 def test_cli_rotations_rows_equal_eval_with_that_rotation(tiny_llama_dir, tiny_text_file, tmp_path):
@@ -90,15 +90,16 @@ def test_cli_rotations_rows_equal_eval_with_that_rotation(tiny_llama_dir, tiny_t
     assert completed.returncode == 0, completed.stderr
     payload = json.loads((tmp_path / "r" / "results.json").read_text())
     assert [row["rotation"] for row in payload["rows"]] == [
-        "hadamard seed 0", "hadamard seed 1", "orthogonal seed 0", "orthogonal seed 1", "identity"]
-    assert [entry["seeds"] for entry in payload["summary"]] == [2, 2, 1]
+        "none (unrotated)", "hadamard seed 0", "hadamard seed 1", "orthogonal seed 0", "orthogonal seed 1", "identity"]
+    assert [entry["seeds"] for entry in payload["summary"]] == [1, 2, 2, 1]
     evaluated = run_cli("eval", *common, "--spec", "w8a8", "--mitigation", "hadamard:rotation=orthogonal,seed=1", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     rows = json.loads(evaluated.stdout)["rows"]
     quantized = next(row for row in rows if row["spec"] == "w8a8")
-    assert payload["rows"][3]["ppl"]["w8a8"] == pytest.approx(quantized["ppl"], rel=1e-12)
-    for row in payload["rows"]:
-        assert all(math.isfinite(row["errors"]["sqnr_db"]["other"]) for row in payload["rows"])
+    assert payload["rows"][4]["ppl"]["w8a8"] == pytest.approx(quantized["ppl"], rel=1e-12)
+    assert all(math.isfinite(row["errors"]["sqnr_db"]["other"]) for row in payload["rows"])
+    unrotated = run_cli("eval", *common, "--spec", "w8a8", "--json")
+    assert payload["rows"][0]["ppl"]["w8a8"] == pytest.approx(json.loads(unrotated.stdout)["rows"][1]["ppl"], rel=1e-12)
     assert (tmp_path / "r" / "rotations.png").stat().st_size > 0
 
 

@@ -53,7 +53,7 @@ class ClassErrors:
         return {
             "sqnr_db": {name: self.sqnr(name) for name in TOKEN_CLASSES},
             "by_linear": {kind: {name: self.sqnr(name, kind) for name in TOKEN_CLASSES} for kind in kinds},
-            "rows": {name: sum(v[2] for (k, c), v in self.sums.items() if c == name) // max(1, len(kinds)) for name in TOKEN_CLASSES},
+            "rows": {name: sum(v[2] for (k, c), v in self.sums.items() if c == name) for name in TOKEN_CLASSES},  # tokens x linears
         }
 
 
@@ -97,11 +97,12 @@ def activation_errors(model, input_ids: torch.Tensor, part, carriers: set[tuple[
 
 
 def rotation_choices(kinds: list[str], seeds: list[int]):
-    """(label, mitigation choices) per kind and seed; ``identity`` does not depend on the seed (one row)."""
+    """(kind, seed, label, mitigation choices): the unrotated model first, then each kind and seed; ``identity``
+    does not depend on the seed (one row)."""
     from massquant.mitigations import MitigationChoice, get_mitigation
 
     defaults = get_mitigation("hadamard").parameters
-    rows = []
+    rows = [("none", None, "none (unrotated)", ())]
     for kind in kinds:
         for seed in seeds[:1] if kind == "identity" else seeds:
             label = kind if kind == "identity" else f"{kind} seed {seed}"
@@ -111,12 +112,12 @@ def rotation_choices(kinds: list[str], seeds: list[int]):
 
 def compare_rotations(loaded, windows, calibration, kinds: list[str], seeds: list[int], specs, error_part,
                       carriers: set[tuple[int, int]], batch_size: int = 1, on_row=None) -> dict:
-    """Per rotation kind and seed: activation SQNR on massive vs other tokens (``error_part``) and Δppl per spec."""
+    """Unrotated, then per rotation kind and seed: activation SQNR on massive vs other tokens (``error_part``)
+    and Δppl per spec against the unquantized, unrotated model."""
     from massquant.evaluation.runner import evaluate_variant
     from massquant.variants import Variant, apply_variant
 
     baseline = evaluate_variant(loaded, Variant(), windows, calibration, batch_size)
-    unrotated = {spec.name: evaluate_variant(loaded, Variant(spec), windows, calibration, batch_size)["ppl"] for spec in specs}
     rows = []
     for kind, seed, label, mitigation in tqdm(rotation_choices(kinds, seeds), desc="rotation kinds", unit="kind"):
         applied = apply_variant(loaded, Variant(mitigation=mitigation), calibration)
@@ -131,7 +132,7 @@ def compare_rotations(loaded, windows, calibration, kinds: list[str], seeds: lis
         rows.append(row)
         if on_row:
             on_row(rows)
-    return {"baseline_ppl": baseline["ppl"], "unrotated_ppl": unrotated, "rows": rows}
+    return {"baseline_ppl": baseline["ppl"], "rows": rows}
 
 
 def kind_summary(rows: list[dict], specs: list[str]) -> list[dict]:

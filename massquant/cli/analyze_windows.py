@@ -157,7 +157,6 @@ def run_rotations(args) -> int:
     columns = {**ROTATION_COLUMNS, **{f"delta_{name}": f"Δppl {name}" for name in names}}
     table = [{"rotation": row["rotation"], "sqnr_massive": row["errors"]["sqnr_db"]["massive"], "sqnr_other": row["errors"]["sqnr_db"]["other"],
               **{f"delta_{name}": row["delta_ppl"][name] for name in names}} for row in result["rows"]]
-    table.append({"rotation": "none (unrotated)", **{f"delta_{name}": result["unrotated_ppl"][name] - result["baseline_ppl"] for name in names}})
     payload["figures"] = [str(path) for path in write_figures(sink, {"rotations.png": plot_rotations(result["rows"], names)})]
     sink.finish(payload, tables_text((table, columns), table_format=args.table_format))
     return 0
