@@ -18,6 +18,7 @@ FIT_COLUMNS = {"parameter": "parameter", "value": "value", "error": "std. error"
 
 def add_arguments(name: str, parser) -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="model directories in training order (step from 'checkpoint-N' or 'stepN', else the position)")
+    parser.add_argument("--steps", metavar="N[,N...]", help="the checkpoints' training steps, comma-separated (default: read from the names)")
     group = parser.add_argument_group("model")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(default: float32)")
     group.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="(default: cpu)")
@@ -52,7 +53,15 @@ def run(args) -> int:
     missing = [path for path in args.checkpoints if not Path(path).is_dir()]
     if missing:
         raise UserError(f"checkpoint {missing[0]} is not a directory; give model directories (e.g. results/train/checkpoint-50)")
-    steps = [checkpoint_step(path, index) for index, path in enumerate(args.checkpoints)]
+    if args.steps:
+        try:
+            steps = [int(step) for step in args.steps.split(",")]
+        except ValueError:
+            raise UserError(f"--steps expects comma-separated integers, got '{args.steps}'") from None
+        if len(steps) != len(args.checkpoints):
+            raise UserError(f"--steps gives {len(steps)} steps for {len(args.checkpoints)} checkpoints")
+    else:
+        steps = [checkpoint_step(path, index) for index, path in enumerate(args.checkpoints)]
     if steps != sorted(steps) or len(set(steps)) != len(steps):
         raise UserError(f"checkpoints must be in training order with distinct steps; read steps {steps}")
     sink = common.ResultSink(args)
