@@ -158,8 +158,18 @@ def run_rotations(args) -> int:
     table = [{"rotation": row["rotation"], "sqnr_massive": row["errors"]["sqnr_db"]["massive"], "sqnr_other": row["errors"]["sqnr_db"]["other"],
               **{f"delta_{name}": row["delta_ppl"][name] for name in names}} for row in result["rows"]]
     payload["figures"] = [str(path) for path in write_figures(sink, {"rotations.png": plot_rotations(result["rows"], names)})]
-    sink.finish(payload, tables_text((table, columns), table_format=args.table_format))
+    sink.finish(payload, tables_text((table, columns), by_linear_table(result["rows"]), table_format=args.table_format))
     return 0
+
+
+def by_linear_table(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """SQNR per linear kind, "massive / other tokens" (dB): the residual stream's readers (q/k/v, gate/up) see the
+    rotation kind, o_proj and down_proj inputs the per-head and online Hadamard that every kind shares."""
+    kinds = list(rows[0]["errors"]["by_linear"]) if rows else []
+    table = [{"rotation": row["rotation"], **{kind: f"{row['errors']['by_linear'][kind]['massive']:.2f} / "
+                                                    f"{row['errors']['by_linear'][kind]['other']:.2f}" for kind in kinds}}
+             for row in rows]
+    return table, {"rotation": "SQNR dB (massive / other tokens) at the input of", **{kind: kind for kind in kinds}}
 
 
 def run_valley(args) -> int:
