@@ -113,7 +113,7 @@ def scan_units(model, spec, unit: str) -> list[tuple[str, tuple[str, ...]]]:
     --include``), built from the names of the linears ``spec`` selects, so they follow the model's own layout
     (``mlp.down_proj.linear`` under the hadamard rotation counts as ``mlp.down_proj``).
     """
-    from massquant.backends.selection import select_linears
+    from massquant.wrapping.selection import select_linears
     from massquant.wrapping.quantize import QUANTIZABLE_TYPES
 
     if unit not in SCAN_UNITS:

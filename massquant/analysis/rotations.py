@@ -67,7 +67,7 @@ def linear_kind(name: str) -> str:
 def activation_errors(model, input_ids: torch.Tensor, part, carriers: set[tuple[int, int]]) -> ClassErrors:
     """Quantize (``part``, an activation TensorQuantSpec) every decoder linear's input of ``model`` on each
     sequence of ``input_ids`` [sequences, tokens] and sum the error per class; the model itself is not changed."""
-    from massquant.backends.selection import select_linears
+    from massquant.wrapping.selection import select_linears
     from massquant.quantizers.spec import QuantSpec
     from massquant.quantizers.tensors import quantize_activation
     from massquant.wrapping.quantize import QUANTIZABLE_TYPES

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from massquant.cli import common
-from massquant.data.calibration import calibration_batch
 from massquant.data.text import load_text
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import build_windows
 from massquant.models.loading import load_model, max_sequence_length
+from massquant.options import settings
 from massquant.reporting.figures import save_png
 from massquant.reporting.results import environment
 from massquant.reporting.tables import render
@@ -53,7 +53,7 @@ def load_with_windows(args, variants: list):
     and one that cannot run is an error (an analysis compares all of them)."""
     from massquant.validation import Plan
 
-    model_config, ppl_config = common.model_config(args), common.perplexity_config(args)
+    model_config, ppl_config = settings.model_config(args), settings.perplexity_config(args)
     ppl_config.validate()
     model_config.validate()
     common.seed_everything(args.seed)
@@ -74,10 +74,7 @@ def load_with_windows(args, variants: list):
     windows = build_windows(loaded.tokenizer, text, ppl_config, max_sequence_length(loaded.model))
     calibration = None
     if needs_calibration:
-        calibration = calibration_batch(
-            loaded.tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed,
-            bos=windows.bos_token_id is not None,
-        )
+        calibration = settings.calibration(args).batch(loaded.tokenizer, args.seed, bos=windows.bos_token_id is not None)
     payload = {
         "command": f"analyze {args.analysis}",
         "model": loaded.record(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from massquant import options
 from massquant.cli import common
 from massquant.errors import UserError
 
@@ -19,11 +20,10 @@ FIT_COLUMNS = {"parameter": "parameter", "value": "value", "error": "std. error"
 def add_arguments(name: str, parser) -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="model directories in training order (step from 'checkpoint-N' or 'stepN', else the position)")
     parser.add_argument("--steps", metavar="N[,N...]", help="the checkpoints' training steps, comma-separated (default: read from the names)")
-    group = parser.add_argument_group("model")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(default: float32)")
-    group.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="(default: cpu)")
-    group.add_argument("--attn", dest="attn_implementation", default="sdpa", choices=["sdpa", "eager"], help="(default: sdpa)")
-    common.add_sampled_sequence_arguments(parser, "sequences", "--n-seqs", 2)
+    options.add_arguments(
+        parser, "model", "text", "run", only=("dtype", "device", "attn_implementation", "data", "n_seqs", "seq_len", "seed"),
+        defaults={"n_seqs": 2, "seq_len": 512},
+    )
     common.add_output_arguments(parser)
 
 

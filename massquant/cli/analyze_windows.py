@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from massquant import options
 from massquant.cli import common
 from massquant.cli.analyze import load_with_windows, tables_text, write_figures
 from massquant.errors import UserError
-from massquant.massive import MassiveCriteria
+from massquant.options import settings
 
 ATTRIBUTION_COLUMNS = {
     "config": "config",
@@ -27,12 +28,11 @@ DEFAULT_ROTATION_SPECS = ("w4a4", "w8a8", "kv4")
 
 
 def add_arguments(name: str, parser) -> None:
-    common.add_model_arguments(parser)
-    common.add_data_arguments(parser)
-    if name != "valley":
-        common.add_quantization_arguments(parser)
-    if name in ("attribution", "layers"):
-        common.add_variant_arguments(parser)
+    groups = ["model", "text"] + (["quantization", "calibration"] if name != "valley" else [])
+    groups += ["massive", "mitigation"] if name in ("attribution", "layers") else []
+    options.add_arguments(parser, *groups, "run", skip=("n_seqs",))
+    if name == "rotations":  # massive tokens of the error split: the criterion's threshold and ratio only
+        options.add_arguments(parser, "massive", only=("massive_threshold", "massive_ratio"))
     if name == "layers":
         parser.add_argument("--unit", default="layer", choices=["layer", "projection"],
                             help="quantize one decoder layer, or one projection type in every layer, at a time (default: layer)")
@@ -41,8 +41,6 @@ def add_arguments(name: str, parser) -> None:
         group.add_argument("--kinds", default="hadamard,orthogonal,identity", help="rotation kinds of the hadamard mitigation, comma-separated (default: all three)")
         group.add_argument("--seeds", default="0", help="rotation seeds, comma-separated; identity runs once (default: 0)")
         group.add_argument("--error-spec", default="a4", help="activation quantizer of the error measurement (default: a4, per-token int4)")
-        group.add_argument("--massive-threshold", type=float, default=MassiveCriteria.abs_threshold, help="massive tokens: |a| above this (default: 100)")
-        group.add_argument("--massive-ratio", type=float, default=MassiveCriteria.median_ratio, help="... and this multiple of the layer's median |a| (default: 1000)")
     common.add_output_arguments(parser)
 
 
@@ -51,10 +49,10 @@ def run(args) -> int:
 
 
 def _quantized_variants(args):
-    specs = common.quant_specs(args)
+    specs = settings.quant_specs(args)
     if not specs:
         raise UserError(f"analyze {args.analysis} needs a quantization spec (--spec, e.g. --spec w8a8-tensor)")
-    return [variant for variant in common.variants(args, specs) if not variant.is_baseline]
+    return [variant for variant in settings.variants(args) if not variant.is_baseline]
 
 
 def run_attribution(args) -> int:
@@ -62,7 +60,7 @@ def run_attribution(args) -> int:
 
     sink = common.ResultSink(args)
     variants = _quantized_variants(args)
-    criteria = MassiveCriteria(args.massive_threshold, args.massive_ratio).validate()
+    criteria = settings.massive_criteria(args)
     loaded, windows, calibration, payload = load_with_windows(args, variants)
     payload["criteria"] = vars(criteria)
 
@@ -128,8 +126,8 @@ def run_rotations(args) -> int:
 
     sink = common.ResultSink(args)
     if not args.spec and not any((args.bits, args.act_bits, args.kv_bits)):
-        args.spec = [",".join(DEFAULT_ROTATION_SPECS)]
-    specs = common.quant_specs(args)
+        args.spec = list(DEFAULT_ROTATION_SPECS)
+    specs = settings.quant_specs(args)
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
     unknown = [kind for kind in kinds if kind not in ROTATION_KINDS]
     if unknown or not kinds:
@@ -141,7 +139,7 @@ def run_rotations(args) -> int:
     if not seeds or min(seeds) < 0:
         raise UserError(f"--seeds expects non-negative integers, got '{args.seeds}'")
     error_part = with_activation_part(args.error_spec)
-    criteria = MassiveCriteria(args.massive_threshold, args.massive_ratio).validate()
+    criteria = settings.massive_criteria(args)
     from massquant.variants import Variant
 
     loaded, windows, calibration, payload = load_with_windows(args, [Variant(spec) for spec in specs])
