@@ -31,6 +31,14 @@ def summary(payload: dict, table_format: str) -> str:
         for row in payload["rows"]
     ]
     lines = [training_line(payload)]
+    if "dynamics" in payload:
+        from massquant.cli.analyze_dynamics import FIT_COLUMNS, STEP_COLUMNS, fit_rows, summary_row
+
+        dynamics = payload["dynamics"]
+        columns = {key: header for key, header in STEP_COLUMNS.items() if key != "checkpoint"}
+        lines += ["", render([summary_row(record) for record in dynamics["records"]], columns, table_format),
+                  "", f"fit of the top activation: {dynamics['fit'].get('form', '')}",
+                  render(fit_rows(dynamics["fit"]), FIT_COLUMNS, table_format)]
     if rows:
         lines += ["", render(rows, TRAIN_COLUMNS, table_format, signed=("delta_ppl",))]
     return "\n".join(lines)

@@ -140,20 +140,29 @@ def build_windows(tokenizer, text: str, config: PerplexityConfig, model_max_leng
     return TokenWindows(chunks, first, bos, len(ids))
 
 
+def scored_mask(windows: TokenWindows) -> torch.Tensor:
+    """[windows, length - 1] bool: which targets (input positions 1..) count, as ``first_scored`` says."""
+    positions = torch.arange(1, windows.input_ids.shape[1])
+    return positions[None, :] >= windows.first_scored[:, None]
+
+
 @torch.inference_mode()
-def window_nll(model, windows: TokenWindows, batch_size: int = 1, description: str = "perplexity"):
-    """Summed NLL per window (float64) over its scored targets."""
+def window_token_nll(model, windows: TokenWindows, batch_size: int = 1, description: str = "perplexity") -> torch.Tensor:
+    """[windows, length - 1] float64: NLL of each target (input position 1..), 0 where it is not scored."""
     device = next(model.parameters()).device
-    length = windows.input_ids.shape[1]
-    positions = torch.arange(1, length)
-    sums = torch.empty(len(windows.input_ids), dtype=torch.float64)
-    for begin in tqdm(range(0, len(sums), batch_size), desc=description, unit="batch", leave=False):
+    mask = scored_mask(windows)
+    nlls = torch.empty(mask.shape, dtype=torch.float64)
+    for begin in tqdm(range(0, len(nlls), batch_size), desc=description, unit="batch", leave=False):
         batch = windows.input_ids[begin : begin + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         nll = token_nll(logits, batch[:, 1:]).cpu().double()
-        mask = positions[None, :] >= windows.first_scored[begin : begin + batch_size, None]
-        sums[begin : begin + batch_size] = (nll * mask).sum(dim=1)
-    return sums
+        nlls[begin : begin + batch_size] = nll * mask[begin : begin + batch_size]
+    return nlls
+
+
+def window_nll(model, windows: TokenWindows, batch_size: int = 1, description: str = "perplexity"):
+    """Summed NLL per window (float64) over its scored targets."""
+    return window_token_nll(model, windows, batch_size, description).sum(dim=1)
 
 
 def perplexity(model, windows: TokenWindows, batch_size: int = 1, description: str = "perplexity") -> PerplexityResult:

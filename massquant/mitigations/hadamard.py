@@ -21,6 +21,13 @@ q = 11), 64 = Sylvester. When no such ``m`` exists (e.g. 11008 = 256 x 43), the
 second factor is a seeded random orthogonal matrix of the odd part — still
 exact, less even spreading. The residual rotation is randomized: random signs on
 the rows of the Hadamard, from ``seed``.
+
+``rotation`` picks the residual-stream rotation (QuaRot's R1, the one DFRot,
+Xiang & Zhang 2024, compares): ``hadamard`` (the randomized Hadamard above),
+``orthogonal`` (a seeded Haar-random orthogonal matrix, QR of a Gaussian with
+the signs of R's diagonal folded in) or ``identity`` (norms folded, nothing
+rotated). The per-head and online down_proj rotations stay Hadamard
+(``values=false``, ``down_proj=false`` turn them off).
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Callable
 
+import scipy.linalg
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from massquant.errors import UserError
 from massquant.mitigations import Mitigation
 from massquant.mitigations.folding import (
     Edits, RowMap, as_float64, linear_at, norm_gain, rmsnorm_architecture, rotate_inputs, rotate_outputs, scale_inputs,
@@ -44,18 +53,21 @@ MITIGATION = Mitigation(
     name="hadamard",
     kind="post-hoc",
     description="QuaRot-style rotation: norms folded, residual stream rotated by a randomized Hadamard, online Hadamard before down_proj",
-    parameters={"seed": 0, "down_proj": True, "values": True},
+    parameters={"seed": 0, "down_proj": True, "values": True, "rotation": "hadamard"},
     requires=("rmsnorm", "no-branch-output-norms", "separate-qkv"),
     needs_calibration=False,
 )
 
 
+ROTATION_KINDS = ("hadamard", "orthogonal", "identity")
+
+
 def sylvester(order: int) -> torch.Tensor:
-    """The ±1 Hadamard matrix of a power-of-two order: H_2k = [[H, H], [H, -H]]."""
-    matrix = torch.ones(1, 1, dtype=torch.float64)
-    while matrix.shape[0] < order:
-        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
-    return matrix
+    """The ±1 Hadamard matrix of a power-of-two order (Sylvester's construction, ``scipy.linalg.hadamard``)."""
+    return torch.from_numpy(scipy.linalg.hadamard(order, dtype="float64"))
+
+
+# scipy builds only Sylvester (power-of-two) orders; the Paley factors of the other orders are built here.
 
 
 def _is_prime(number: int) -> bool:
@@ -145,6 +157,28 @@ def randomized_hadamard(size: int, seed: int) -> Rotation:
     return Rotation(left, right, signs)
 
 
+def random_orthogonal(size: int, seed: int) -> Rotation:
+    """A seeded Haar-random orthogonal matrix (float64): Q of the QR of a Gaussian, columns signed by diag(R)."""
+    gaussian = torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    unit = torch.ones(1, 1, dtype=torch.float64)
+    return Rotation(unit, q * torch.sign(torch.diagonal(r)), torch.ones(size, dtype=torch.float64))
+
+
+def identity_rotation(size: int, seed: int) -> Rotation:
+    """The identity as a Rotation: folding without rotating (the baseline of the rotation kinds)."""
+    unit = torch.ones(1, 1, dtype=torch.float64)
+    return Rotation(unit, torch.eye(size, dtype=torch.float64), torch.ones(size, dtype=torch.float64))
+
+
+def residual_rotation(kind: str, size: int, seed: int) -> Rotation:
+    """The residual-stream rotation of ``kind`` (``ROTATION_KINDS``); an unknown kind is a UserError."""
+    builders = {"hadamard": randomized_hadamard, "orthogonal": random_orthogonal, "identity": identity_rotation}
+    if kind not in builders:
+        raise UserError(f"hadamard: unknown rotation '{kind}'; accepted: {', '.join(ROTATION_KINDS)}")
+    return builders[kind](size, seed)
+
+
 def plain_hadamard(size: int, seed: int) -> Rotation:
     """``H / sqrt(size)`` without signs: the per-head and the online rotations."""
     left, right = hadamard_factors(size, seed)
@@ -228,12 +262,14 @@ def _device(module: nn.Module) -> torch.device:
 def apply(loaded, params: dict, calibration: torch.Tensor | None = None) -> Callable[[], None]:
     """Rotate ``loaded.model`` in place; returns the undo that restores every original weight and module."""
     model = loaded.model
+    if params["rotation"] not in ROTATION_KINDS:
+        raise UserError(f"hadamard: unknown rotation '{params['rotation']}'; accepted: {', '.join(ROTATION_KINDS)}")
     architecture = rmsnorm_architecture(model, MITIGATION.name)
     edits = Edits()
     try:
         untie_output_embeddings(model, edits)
         embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-        rotation = randomized_hadamard(embeddings.weight.shape[1], params["seed"]).to(embeddings.weight.device)
+        rotation = residual_rotation(params["rotation"], embeddings.weight.shape[1], params["seed"]).to(embeddings.weight.device)
         edits.set_tensor(embeddings, "weight", rotate_inputs(as_float64(embeddings.weight), rotation))  # rows are residual vectors
         for layer in tqdm(decoder_layers(model), desc="hadamard rotation", unit="layer", leave=False):
             _rotate_layer(layer, architecture, rotation.to(_device(layer)), params, edits)

@@ -123,5 +123,8 @@ TRAIN = declare(
     Option("grad_clip", float, 1.0, "max global gradient norm; 0 disables clipping", low=0),
     Option("bf16", bool, False, "bfloat16 autocast (weights and optimizer stay float32)"),
     Option("save_every", int, 0, "also write checkpoint-<step>/ every N steps; 0: only the final checkpoint", low=0, high=MAX_SIZE),
+    Option("record_every", int, 0, "per-layer massive-activation statistics every N steps and at step 0, with a fit of the "
+           "top activation's trajectory (massquant.analysis.dynamics); 0: not recorded", low=0, high=MAX_SIZE),
+    Option("record_sequences", int, 2, "held-out windows the record_every statistics are measured on", **SEQUENCES),
     Option("locate", bool, True, "massive-activation statistics (massquant.massive.locate) in each evaluation"),
 )

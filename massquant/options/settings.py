@@ -23,7 +23,7 @@ def model_config(values, model: str | None = None) -> ModelConfig:
     """``model`` overrides ``values.model`` (a recipe's model axis)."""
     return ModelConfig(
         model=model or values.model, dtype=values.dtype, device=values.device,
-        trust_remote_code=values.trust_remote_code, attn_implementation=values.attn_implementation,
+        trust_remote_code=getattr(values, "trust_remote_code", False), attn_implementation=values.attn_implementation,
     )
 
 

@@ -71,12 +71,13 @@ def _optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
 
 def train(
     model, windows: torch.Tensor, settings: TrainSettings, choices: list[MitigationChoice],
-    on_checkpoint: Callable[[int], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None, on_step: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Fine-tune ``model`` in place on ``windows`` ([count, seq_len] token ids); returns one record per step.
 
     After each optimizer step, every choice's ``on_step(model, params, step)``
-    runs (TVR rescales there); what it returns is kept in that step's record.
+    runs (TVR rescales there); what it returns is kept in that step's record. ``on_step(step)`` runs
+    after that (the statistics of ``record_every``).
     """
     device = next(model.parameters()).device
     optimizer = _optimizer(model, settings)
@@ -111,6 +112,8 @@ def train(
                     if event:
                         record[choice.name] = event
                 history.append(record)
+                if on_step:
+                    on_step(step)
                 bar.update()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 if on_checkpoint and settings.save_every and step % settings.save_every == 0 and step < settings.steps:

@@ -38,6 +38,8 @@ class TrainSettings:
     grad_clip: float = 1.0
     bf16: bool = False
     save_every: int = 0
+    record_every: int = 0  # massquant.analysis.dynamics statistics every N steps (and at step 0); 0: off
+    record_sequences: int = 2
 
 
 @dataclass

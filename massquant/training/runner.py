@@ -153,6 +153,35 @@ class TrainingRun:
         fitted = any(get_mitigation(c.name).kind == "training" and get_mitigation(c.name).needs_calibration for c in self.choices)
         return fitted or any(Variant(spec).needs_calibration for spec in self.specs)
 
+    # -- emergence dynamics (train.record_every) ---------------------------------------------------
+
+    def _recorder(self, model, windows):
+        """``on_step`` that records per-layer statistics every ``record_every`` steps (step 0 at once), or None."""
+        settings = self.recipe.train
+        if not settings.record_every:
+            return None
+        from massquant.analysis.dynamics import step_statistics
+
+        ids = (windows.input_ids if hasattr(windows, "input_ids") else windows)[: settings.record_sequences]
+        records = self.payload.setdefault("dynamics", {"every": settings.record_every, "sequences": len(ids), "records": []})["records"]
+
+        def record(step: int) -> None:
+            if step == 0 or step % settings.record_every == 0 or step == settings.steps:
+                records.append({"step": step, "layers": step_statistics(model, ids)})
+
+        record(0)
+        return record
+
+    def _finish_dynamics(self) -> None:
+        if "dynamics" not in self.payload:
+            return
+        from massquant.analysis.dynamics import plot_dynamics, summarize
+        from massquant.reporting.figures import save_png
+
+        dynamics = self.payload["dynamics"]
+        dynamics.update(summarize(dynamics["records"]))
+        dynamics["figure"] = str(save_png(plot_dynamics(dynamics["records"], dynamics), self.out / "dynamics.png"))
+
     # -- the run ----------------------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -186,11 +215,14 @@ class TrainingRun:
             self.evaluate("surgery", loaded, windows, calibration, [])
 
         checkpoints = self.out / CHECKPOINT
+        record = self._recorder(loaded.model, windows if windows is not None else train_windows)
         trained_at = time.perf_counter()
         history = train(
             loaded.model, train_windows, recipe.train, self.choices,
             on_checkpoint=lambda step: save_checkpoint(loaded.model, tokenizer, self.out / f"{CHECKPOINT}-{step}"),
+            on_step=record,
         )
+        self._finish_dynamics()
         self.payload["training"] = {
             "windows": len(train_windows),
             "tokens_per_step": recipe.train.batch_size * recipe.train.seq_len,
