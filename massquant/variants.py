@@ -65,6 +65,7 @@ class Variant:
             "massive": self.massive.mode,
             "massive_detection": self.massive.detection if self.massive.mode != "none" else None,
             "massive_criteria": vars(self.massive.criteria) if self.massive.mode != "none" else None,
+            "massive_target": self.massive.target if self.massive.mode != "none" else None,
             "mitigation": self.mitigation_name,
             "mitigation_params": [{"name": c.name, **c.params} for c in self.mitigation],
         }

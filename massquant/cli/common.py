@@ -9,7 +9,7 @@ import sys
 import torch
 
 from massquant.backends import BACKENDS
-from massquant.massive import DETECTION_MODES, MASSIVE_POLICIES, MassiveCriteria, MassivePolicy
+from massquant.massive import DEFAULT_TARGET, DETECTION_MODES, MASSIVE_POLICIES, TARGETS, MassiveCriteria, MassivePolicy
 from massquant.recipes import grid
 from massquant.variants import Variant
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
@@ -240,16 +240,30 @@ def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--massive-detection", default="calibrated", choices=DETECTION_MODES, help="find massive sites once on calibration data, or per forward (default: calibrated)")
     group.add_argument("--massive-threshold", type=float, default=MassiveCriteria.abs_threshold, help="a massive value exceeds this magnitude (default: 100)")
     group.add_argument("--massive-ratio", type=float, default=MassiveCriteria.median_ratio, help="... and this multiple of its tensor's median magnitude (default: 1000)")
+    add_massive_target_argument(group)
     group.add_argument(
         "--mitigation", action="append", default=[], metavar="NAME[:k=v,...]",
         help="post-hoc mitigation(s) to compare, e.g. hadamard,smoothquant:alpha=0.8 ('massquant mitigations' lists them)",
     )
 
 
+def add_massive_target_argument(group) -> None:
+    group.add_argument(
+        "--massive-target", action="append", default=[], metavar="TARGET",
+        help=f"which massive activations the policy acts on: {', '.join(TARGETS)} (first-layer: the first layer with any, "
+        "every channel massive there; dominant: the phenomenon with the largest value, at its first layer; all: every "
+        f"phenomenon at its own first layer); comma-separate to compare (default: {DEFAULT_TARGET})",
+    )
+
+
+def massive_targets(args) -> list[str]:
+    return [target.strip() for option in args.massive_target for target in option.split(",") if target.strip()]
+
+
 def massive_policies(args) -> list[MassivePolicy]:
     criteria = MassiveCriteria(args.massive_threshold, args.massive_ratio)
     modes = [mode.strip() for option in args.massive for mode in option.split(",") if mode.strip()]
-    return grid.massive_policies(modes, args.massive_detection, criteria)
+    return grid.massive_policies(modes, args.massive_detection, criteria, massive_targets(args))
 
 
 def variants(args, specs: list[QuantSpec]) -> list[Variant]:

@@ -1,5 +1,6 @@
-"""massquant intervene: perplexity with the first layer's massive activations zeroed, set to their mean or clipped,
-and with the super weights zeroed, against the unchanged model."""
+"""massquant intervene: perplexity with targeted massive activations (``--massive-target``; default: the first
+massive layer's) zeroed, set to their mean or clipped, and with the super weights zeroed, against the unchanged model.
+Each row records which (layer, channel, token) values it changed."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_bat
 from massquant.data.text import load_text
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import build_windows, perplexity
-from massquant.massive import DETECTION_MODES, MassiveCriteria
+from massquant.massive import DEFAULT_TARGET, DETECTION_MODES, MassiveCriteria, check_target
 from massquant.massive.handling import locate_sites, sites_summary
 from massquant.massive.intervene import (
-    INTERVENTIONS, InterventionCounts, ResidualTarget, first_layer_target, intervene_residual, mean_tables,
-    zero_super_weights,
+    INTERVENTIONS, InterventionCounts, describe_targets, intervene_targets, mean_tables, zero_super_weights,
 )
+from massquant.massive.targets import residual_targets
 from massquant.models.architectures import architecture_of
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.validation import model_facts
@@ -32,6 +33,7 @@ COLUMNS = {
     "delta_ppl_text": "Δppl",
     "values_changed": "values changed",
     "where": "where",
+    "changed_tokens": "changed on (values)",
     "tokens": "tokens",
 }
 
@@ -50,10 +52,21 @@ def add_arguments(parser) -> None:
     )
     group.add_argument("--massive-threshold", type=float, default=MassiveCriteria.abs_threshold, help="a massive value exceeds this magnitude (default: 100)")
     group.add_argument("--massive-ratio", type=float, default=MassiveCriteria.median_ratio, help="... and this multiple of its tensor's median magnitude (default: 1000)")
+    common.add_massive_target_argument(group)
     group.add_argument("--calib-data", default=DEFAULT_CALIBRATION_TEXT, help=f"text that locates massive activations and measures their means (default: {DEFAULT_CALIBRATION_TEXT})")
     group.add_argument("--calib-samples", type=common.sequence_count, default=16, help="calibration sequences (default: 16)")
     group.add_argument("--calib-seq-len", type=common.positive_int, default=512, help="tokens per calibration sequence (default: 512)")
     common.add_output_arguments(parser)
+
+
+def changed_tokens(changed: list[dict], shown: int = 3) -> str:
+    """The tokens whose values a row changed, most values first: "'<bos>' 16, "' '" 8, …"."""
+    by_token: dict[str, int] = {}
+    for entry in changed:
+        text = repr(entry.get("token", entry["token_id"])) + (" (first)" if entry["position"] == "first" else "")
+        by_token[text] = by_token.get(text, 0) + entry["values"]
+    ranked = sorted(by_token.items(), key=lambda item: -item[1])
+    return ", ".join(f"{text} {count}" for text, count in ranked[:shown]) + (", …" if len(ranked) > shown else "")
 
 
 def chosen_interventions(text: str) -> list[str]:
@@ -72,6 +85,9 @@ def run(args) -> int:
     model_config.validate()
     interventions = chosen_interventions(args.interventions)
     criteria = MassiveCriteria(args.massive_threshold, args.massive_ratio).validate()
+    targets = list(dict.fromkeys(common.massive_targets(args) or [DEFAULT_TARGET]))
+    for target in targets:
+        check_target(target, args.massive_detection)
     common.seed_everything(args.seed)
     text = load_text(ppl_config.data)
     load_text(args.calib_data)  # a missing calibration text fails now, not after the model loads
@@ -92,7 +108,7 @@ def run(args) -> int:
             f"no massive activations found on the calibration text (|a| > {criteria.abs_threshold:g} and > "
             f"{criteria.median_ratio:g} x median); lower --massive-threshold or --massive-ratio"
         )
-    target = first_layer_target(sites, criteria) if args.massive_detection == "calibrated" else ResidualTarget(criteria)
+    where_of = {target: residual_targets(sites, target, criteria, args.massive_detection) for target in targets}
     means = mean_tables(sites, model.config.hidden_size)
     payload = {
         "command": "intervene",
@@ -101,22 +117,24 @@ def run(args) -> int:
         "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_len": args.calib_seq_len},
         "detection": args.massive_detection,
         "criteria": vars(criteria),
+        "targets": targets,
         "located": sites_summary(sites),
         "seed": args.seed,
         "environment": environment(),
         "rows": [],
     }
 
-    def measure(name: str, install, where: str) -> dict:
+    def measure(name: str, install, where: str, target: str | None = None) -> dict:
         counts = InterventionCounts()
         undo = install(counts)
         try:
             result = perplexity(model, windows, ppl_config.batch_size, description=name)
         finally:
             undo()
-        row = {"intervention": name, "where": where, **result.as_dict(), **counts.as_dict()}
-        if counts.layers and target.layer is None:
-            row["where"] = f"layer {', '.join(map(str, sorted(counts.layers)))} (found per forward)"
+        row = {"intervention": name, "target": target, "where": where, **result.as_dict(), **counts.as_dict(loaded.tokenizer)}
+        row["changed_tokens"] = changed_tokens(row["changed"])
+        if counts.layers and args.massive_detection == "dynamic":
+            row["where"] += f" (found per forward: layer {', '.join(map(str, sorted(counts.layers)))})"
         row["delta_ppl"] = row["ppl"] - rows[0]["ppl"] if rows else 0.0
         rows.append(row)
         payload["rows"] = rows
@@ -130,7 +148,11 @@ def run(args) -> int:
     measure("unchanged", lambda counts: (lambda: None), "")
     for name in interventions:
         if name != SUPER_WEIGHTS:
-            measure(name, lambda counts, name=name: intervene_residual(model, name, target, means, counts), target.describe())
+            for target in targets:
+                chosen = where_of[target]
+                label = name if len(targets) == 1 else f"{name} {target}"
+                measure(label, lambda counts, name=name, chosen=chosen: intervene_targets(model, name, chosen, means, counts),
+                        describe_targets(chosen), target)
         elif sites.super_weights:
             where = "; ".join(f"layer {w.layer} down_proj[{w.row}, {w.col}]" for w in sites.super_weights)
             measure(name, zero_weights, where)

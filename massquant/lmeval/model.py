@@ -23,7 +23,7 @@ from massquant.config import MAX_SEED, MAX_SEQUENCES, check_int, coerce, unknown
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES
-from massquant.massive import MassiveCriteria, MassivePolicy
+from massquant.massive import DEFAULT_TARGET, MassiveCriteria, MassivePolicy
 from massquant.mitigations import get_mitigation, parse_mitigations
 from massquant.models.loading import DEFAULT_MODEL, LoadedModel, ModelConfig, load_model
 from massquant.quantizers.spec import parse_spec
@@ -46,6 +46,7 @@ VARIANT_ARGS = {
     "massive_detection": "calibrated",
     "massive_threshold": MassiveCriteria.abs_threshold,
     "massive_ratio": MassiveCriteria.median_ratio,
+    "massive_target": DEFAULT_TARGET,
     "mitigation": "none",  # one variant; ';' separates a mitigation's parameters
     "calib_data": DEFAULT_CALIBRATION_TEXT,
     "calib_samples": 16,
@@ -118,7 +119,7 @@ def variant_from_options(options: dict) -> Variant:
     )
     policy = MassivePolicy(
         options["massive"], options["massive_detection"],
-        MassiveCriteria(options["massive_threshold"], options["massive_ratio"]),
+        MassiveCriteria(options["massive_threshold"], options["massive_ratio"]), options["massive_target"],
     ).validate()
     mitigations = parse_mitigations(options["mitigation"].replace(";", ","))
     if len(mitigations) != 1:

@@ -16,7 +16,7 @@ from massquant.backends import get_backend
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT
 from massquant.evaluation.perplexity import PerplexityConfig
 from massquant.evaluation.tasks import TaskSettings
-from massquant.massive import MassiveCriteria, MassivePolicy
+from massquant.massive import DEFAULT_TARGET, MassiveCriteria, MassivePolicy
 from massquant.mitigations import MitigationChoice, parse_mitigations
 from massquant.models.loading import ModelConfig
 from massquant.quantizers.spec import QuantSpec, parse_spec
@@ -35,8 +35,15 @@ def parse_specs(texts: list[str], backends: list[str], **settings) -> list[Quant
     return [spec for spec in specs if not spec.is_identity]
 
 
-def massive_policies(modes: list[str], detection: str, criteria: MassiveCriteria) -> list[MassivePolicy]:
-    return [MassivePolicy(mode, detection, criteria).validate() for mode in dict.fromkeys(modes or ["none"])]
+def massive_policies(
+    modes: list[str], detection: str, criteria: MassiveCriteria, targets: list[str] | None = None
+) -> list[MassivePolicy]:
+    """Every mode x target (``none`` once: it targets nothing)."""
+    targets = list(dict.fromkeys(targets or [DEFAULT_TARGET]))
+    return [
+        MassivePolicy(mode, detection, criteria, target).validate()
+        for mode in dict.fromkeys(modes or ["none"]) for target in (targets if mode != "none" else [DEFAULT_TARGET])
+    ]
 
 
 def mitigation_variants(texts: list[str]) -> list[tuple[MitigationChoice, ...]]:

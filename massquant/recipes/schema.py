@@ -27,7 +27,7 @@ from massquant.data.text import DEFAULT_TEXT, TEXT_SOURCES
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig
 from massquant.evaluation.tasks import TaskSettings
-from massquant.massive import MassiveCriteria
+from massquant.massive import DEFAULT_TARGET, MassiveCriteria
 from massquant.models.loading import DEFAULT_MODEL, ModelConfig
 from massquant.reporting.compare import PERPLEXITY_VALUES, View, check_layout_keys
 from massquant.recipes.grid import (
@@ -55,6 +55,7 @@ class GridRecipe:
     massive_detection: str = "calibrated"
     massive_threshold: float = MassiveCriteria.abs_threshold
     massive_ratio: float = MassiveCriteria.median_ratio
+    massive_target: list[str] = field(default_factory=lambda: [DEFAULT_TARGET])
     mitigations: list[str] = field(default_factory=lambda: ["none"])
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
@@ -101,7 +102,7 @@ def recipe_from_mapping(mapping, where: str, default_name: str = "recipe") -> Gr
     recipe.models = [_model_config(item, where) for item in recipe.models]
     recipe.seq_len = [_optional_positive(value, "seq_len", where) for value in recipe.seq_len]
     recipe.data = [str(item) for item in recipe.data]
-    for name in ("specs", "backends", "massive", "mitigations", "include", "exclude", "tasks"):
+    for name in ("specs", "backends", "massive", "massive_target", "mitigations", "include", "exclude", "tasks"):
         setattr(recipe, name, [str(item) for item in getattr(recipe, name)])
     return recipe
 
@@ -161,7 +162,7 @@ def expand(recipe: GridRecipe, where: str = "recipe") -> list[Cell]:
         bnb_threshold=recipe.bnb_threshold, calibration_samples=calibration.samples,
     )
     criteria = MassiveCriteria(recipe.massive_threshold, recipe.massive_ratio)
-    policies = massive_policies(recipe.massive, recipe.massive_detection, criteria)
+    policies = massive_policies(recipe.massive, recipe.massive_detection, criteria, recipe.massive_target)
     variants = variant_grid(specs, policies, mitigation_variants(recipe.mitigations))
     tasks = None
     if recipe.tasks:
