@@ -107,7 +107,10 @@ def check_variant(loaded, variant: Variant) -> None:
 def apply_variant(loaded, variant: Variant, calibration: torch.Tensor | None) -> AppliedQuantization:
     """Mitigations first (they change weights/structure), then massive handling around quantization."""
     check_variant(loaded, variant)
-    undo_mitigation = apply_post_hoc(loaded, list(variant.mitigation), calibration) if variant.mitigation else (lambda: None)
+    records: dict = {}
+    undo_mitigation = (
+        apply_post_hoc(loaded, list(variant.mitigation), calibration, records) if variant.mitigation else (lambda: None)
+    )
     try:
         spec = variant.spec
 
@@ -135,4 +138,6 @@ def apply_variant(loaded, variant: Variant, calibration: torch.Tensor | None) ->
     summary = dict(applied.summary)
     if variant.mitigation:
         summary["mitigation"] = variant.mitigation_name
+    if records:
+        summary["mitigation_record"] = records
     return AppliedQuantization(applied.model, undo, summary)

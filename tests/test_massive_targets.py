@@ -160,3 +160,43 @@ def test_intervene_command_compares_targets_and_names_the_tokens(two_phenomena, 
     assert dominant["target"] == "dominant" and dominant["where"].startswith("layer 0, channels 7")
     assert {(entry["layer"], entry["channel"], entry["position"]) for entry in dominant["changed"]} == {(0, BOS_CHANNEL, "first")}
     assert sum(entry["values"] for entry in dominant["changed"]) == dominant["values_changed"] == dominant["windows"]
+
+
+# --- prefixkv: its tokens from the residual-stream phenomena --------------------------------------
+
+
+def test_prefixkv_adds_the_residual_sink_tokens_and_records_them(two_phenomena):
+    from massquant.massive.phenomena import typical_cutoff
+    from massquant.mitigations import prefix_kv
+
+    loaded, ids = two_phenomena
+    model = loaded.model
+    # independent: each layer's cutoff per sequence from plain hooks; a token counts where its value beats the typical one
+    outputs = []
+    handles = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+               for layer in decoder_layers(model)]
+    with torch.no_grad():
+        for row in ids:
+            model(row[None])
+    for handle in handles:
+        handle.remove()
+    layers = len(decoder_layers(model))
+    cutoffs = [sum(max(100.0, 1000 * float(outputs[s * layers + layer].abs().flatten().median())) for s in range(len(ids))) / len(ids)
+               for layer in range(layers)]
+    typical = typical_cutoff(cutoffs)
+    carriers = {
+        (s, p) for s in range(len(ids)) for layer in range(layers)
+        for p in (outputs[s * layers + layer][0].abs().amax(dim=-1) > typical).nonzero().flatten().tolist() if p > 0
+    }
+    assert {int(ids[s, p]) for s, p in carriers} == {TOKEN}
+    assert prefix_kv.residual_sink_tokens(model, ids) == [TOKEN]
+    undo = prefix_kv.apply(loaded, {"threshold": 64.0, "count": 0, "bos": True, "residual": True}, ids)
+    try:
+        record = undo.record
+    finally:
+        undo()
+    assert record["prefix_ids"] == [loaded.tokenizer.bos_token_id, TOKEN]
+    assert record["from_residual"] == [loaded.tokenizer.decode([TOKEN])] and record["from_down_proj"] == []
+    undo = prefix_kv.apply(loaded, {"threshold": 64.0, "count": 0, "bos": True, "residual": False}, ids)
+    undo()
+    assert undo.record["prefix_ids"] == [loaded.tokenizer.bos_token_id]
