@@ -200,3 +200,32 @@ def test_prefixkv_adds_the_residual_sink_tokens_and_records_them(two_phenomena):
     undo = prefix_kv.apply(loaded, {"threshold": 64.0, "count": 0, "bos": True, "residual": False}, ids)
     undo()
     assert undo.record["prefix_ids"] == [loaded.tokenizer.bos_token_id]
+
+
+# --- massquant across: the analysis on several models, one column per model -----------------------
+
+
+def test_across_prints_one_column_per_model(two_phenomena, tmp_path, tiny_text_file, tiny_llama_dir, capsys):
+    from massquant.cli.main import main
+
+    loaded, _ = two_phenomena
+    directory = tmp_path / "planted"
+    loaded.model.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+    status = main([
+        "across", "--model", f"{directory},{tiny_llama_dir}", "--data", tiny_text_file, "--n-seqs", "2", "--seq-len", "32",
+        "--max-tokens", "64", "--calib-data", tiny_text_file, "--calib-samples", "2", "--calib-seq-len", "32",
+        "--out", str(tmp_path / "out"),
+    ])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    planted, plain = payload["models"][str(directory)], payload["models"][str(tiny_llama_dir)]
+    assert planted["phenomena"][0]["channel"] == BOS_CHANNEL and not plain["phenomena"]
+    rows = {row["name"]: row for row in planted["interventions"]}
+    assert rows["zero dominant"]["where"] == f"layer 0, channels {BOS_CHANNEL}"
+    assert {entry["channel"] for entry in rows["zero dominant"]["changed"]} == {BOS_CHANNEL}
+    assert [row["name"] for row in planted["quantized"]][:2] == ["none", "keep"]
+    header = next(line for line in captured.out.splitlines() if str(directory) in line)
+    assert str(tiny_llama_dir) in header
+    assert (tmp_path / "out" / directory.name / "magnitudes.png").exists()

@@ -49,6 +49,7 @@ class Mitigation:
     description: str  # one line, shown by `massquant mitigations`
     parameters: dict = field(default_factory=dict)  # name -> default; the default's type is the parameter's
     architectures: tuple[str, ...] = ()  # config.model_type values; empty: every architecture massquant knows
+    why_not: str = ""  # why the other architectures are refused, said with the refusal
     needs_calibration: bool = False
     module: str = ""  # filled by the registry: massquant.mitigations.<module>
 
@@ -138,8 +139,9 @@ def check_applicable(model, variant: list[MitigationChoice]) -> None:
     for choice in variant:
         entry = get_mitigation(choice.name)
         if entry.architectures and model_type not in entry.architectures:
+            because = f": {entry.why_not}" if entry.why_not else ""
             raise UserError(
-                f"mitigation '{entry.name}' supports {', '.join(entry.architectures)}; this model is '{model_type}'"
+                f"mitigation '{entry.name}' supports {', '.join(entry.architectures)}; this model is '{model_type}'{because}"
             )
 
 
