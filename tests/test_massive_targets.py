@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from massquant.massive.sites import MassiveSite, MassiveSites
 from massquant.massive.targets import residual_targets
 from massquant.models.architectures import decoder_layers
 from massquant.models.loading import load_model
-from massquant.recipes.grid import massive_policies
+from massquant.options import settings
 from tests.conftest import make_tiny_llama
 
 CRITERIA = MassiveCriteria()
@@ -59,7 +60,9 @@ def test_target_names_are_checked():
         residual_targets(gemma_like_sites(), "channel:5", CRITERIA)
     assert MassivePolicy("suppress-zero", target="channel:163").validate().label == "suppress-zero:channel:163"
     assert MassivePolicy("keep").label == "keep"  # the default target leaves names (and cached cells) as they were
-    policies = massive_policies(["none", "keep"], "calibrated", CRITERIA, ["first-layer", "dominant"])
+    values = SimpleNamespace(massive=["none", "keep"], massive_detection="calibrated", massive_threshold=100.0,
+                             massive_ratio=None, massive_target=["first-layer", "dominant"])
+    policies = settings.massive_policies(values)
     assert [p.label for p in policies] == ["none", "keep", "keep:dominant"]
 
 

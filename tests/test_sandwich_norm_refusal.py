@@ -15,8 +15,8 @@ def test_a_recipe_mixing_llama_and_gemma3_runs_every_row_but_gemma_hadamard(
     gemma, _ = make_tiny_gemma3(tmp_path_factory)
     recipe = tmp_path / "mixed.yaml"
     recipe.write_text(
-        f"kind: grid\nmodels: [{tiny_llama_dir}, {gemma}]\ndata: [{tiny_text_file}]\nseq_len: [32]\nmax_tokens: 64\n"
-        "specs: [w8]\nmitigations: [none, hadamard]\ncalibration: {samples: 2, seq_len: 32}\n"
+        f"kind: grid\nmodel: [{tiny_llama_dir}, {gemma}]\ndata: [{tiny_text_file}]\nseq_len: [32]\nmax_tokens: 64\n"
+        "spec: [w8]\nmitigation: [none, hadamard]\ncalib_samples: 2\ncalib_seq_len: 32\n"
     )
     assert main(["run", str(recipe), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]

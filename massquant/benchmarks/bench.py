@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from tqdm.auto import tqdm
 
 from massquant.backends import get_backend
-from massquant.backends.selection import select_linears
+from massquant.wrapping.selection import select_linears
 from massquant.cli.common import ArgumentParser, positive_int
 from massquant.data.text import DEFAULT_TEXT, load_text, text_fingerprint
 from massquant.errors import UserError

@@ -6,8 +6,9 @@ import math
 import sys
 from pathlib import Path
 
+from massquant import options
 from massquant.cli import common
-from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
+from massquant.data.calibration import calibration_batch
 from massquant.data.text import load_text
 from massquant.evaluation.across_models import AnalysisSettings, analyze
 from massquant.evaluation.perplexity import PerplexityConfig, build_windows
@@ -20,27 +21,25 @@ from massquant.reporting.tables import format_cell, format_delta, render
 from massquant.validation import model_facts
 
 NAME = "across"
+DEFAULT_MODELS = ["smollm2-135m", "gemma3-270m"]
 HELP = "the refined massive-activation analysis on several models: phenomena, tokens, sinks, kurtosis, interventions, W8A8"
 
 
 def add_arguments(parser) -> None:
-    group = parser.add_argument_group("models and text")
-    group.add_argument("--model", action="append", default=[], metavar="MODEL",
-                       help="a model (alias, directory or hub id); repeat or comma-separate (default: smollm2-135m,gemma3-270m)")
-    common.add_text_argument(group)
-    group.add_argument("--n-seqs", type=common.sequence_count, default=2, help="sequences located (default: 2)")
-    group.add_argument("--seq-len", type=common.positive_int, default=512, help="tokens per located sequence and per scored window (default: 512)")
-    group.add_argument("--max-tokens", type=common.positive_int, default=1024, help="tokens of the text scored for perplexity (default: 1024)")
-    group.add_argument("--calib-data", default=DEFAULT_CALIBRATION_TEXT, help=f"text that locates the intervention targets and calibrates (default: {DEFAULT_CALIBRATION_TEXT})")
-    group.add_argument("--calib-samples", type=common.sequence_count, default=4, help="calibration sequences (default: 4)")
-    group.add_argument("--calib-seq-len", type=common.positive_int, default=256, help="tokens per calibration sequence (default: 256)")
-    group.add_argument("--no-quantized", action="store_true", help="leave out the per-tensor W8A8 rows (the costliest part)")
+    parser.add_argument("--model", action="append", default=[], metavar="MODEL",
+                        help=f"a model (alias, directory or hub id); repeat or comma-separate (default: {','.join(DEFAULT_MODELS)})")
+    options.add_arguments(
+        parser, "text", "calibration", "run",
+        only=("data", "n_seqs", "seq_len", "max_tokens", "calib_data", "calib_samples", "calib_seq_len", "seed"),
+        defaults={"n_seqs": 2, "seq_len": 512, "max_tokens": 1024, "calib_samples": 4, "calib_seq_len": 256},
+    )
+    parser.add_argument("--no-quantized", action="store_true", help="leave out the per-tensor W8A8 rows (the costliest part)")
     common.add_output_arguments(parser)
 
 
 def model_names(args) -> list[str]:
     names = [name.strip() for option in args.model for name in option.split(",") if name.strip()]
-    return list(dict.fromkeys(names or ["smollm2-135m", "gemma3-270m"]))
+    return list(dict.fromkeys(names or DEFAULT_MODELS))
 
 
 def _short(value: float) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from massquant.backends.selection import select_linears, set_module
+from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
 from massquant.models.architectures import architecture_of, decoder_layers, get_path
 from massquant.quantizers.spec import QuantSpec, parse_spec
@@ -64,13 +64,13 @@ def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None
     originals = []
     for name, module in tqdm(select_linears(model, spec, QUANTIZABLE_TYPES), desc=f"quantizing {spec.name}", unit="linear", leave=False):
         quantized = QuantLinear(module, spec.weights, spec.activations)
-        set_module(model, name, quantized)
+        model.set_submodule(name, quantized)
         handle.linears[name] = quantized
         originals.append((name, module))
 
     def restore() -> None:
         for name, module in originals:
-            set_module(model, name, module)
+            model.set_submodule(name, module)
 
     handle._undo_steps.append(restore)
 
