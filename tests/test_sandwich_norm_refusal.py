@@ -27,7 +27,7 @@ def test_a_recipe_mixing_llama_and_gemma3_runs_every_row_but_gemma_hadamard(
         (tiny_llama_dir, "w8 mitigation=hadamard"), (gemma, "fp"), (gemma, "w8"),
     ]
     assert [row["config"] for row in refused] == ["fp mitigation=hadamard", "w8 mitigation=hadamard"]
-    assert all(row["model"] == gemma and "sandwich norms" in row["not_applicable"] for row in refused)
+    assert all(row["model"] == gemma and "no norm on the attention/MLP outputs" in row["not_applicable"] for row in refused)
 
 
 def test_hadamard_alone_on_gemma3_is_refused_before_the_weights_load(tmp_path_factory, tiny_text_file, monkeypatch, capsys):
@@ -42,5 +42,5 @@ def test_hadamard_alone_on_gemma3_is_refused_before_the_weights_load(tmp_path_fa
     monkeypatch.setattr(eval_command, "load_model", never)
     code = main(["eval", "--model", gemma, "--data", tiny_text_file, "--spec", "w8", "--mitigation", "hadamard"])
     err = capsys.readouterr().err
-    assert code == 2 and "massquant: error: mitigation 'hadamard' supports" in err and "sandwich norms" in err
+    assert code == 2 and "massquant: error: mitigation 'hadamard' needs" in err and "no norm on the attention/MLP outputs" in err
     assert "the model was loaded" not in err

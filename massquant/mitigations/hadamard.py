@@ -45,11 +45,7 @@ MITIGATION = Mitigation(
     kind="post-hoc",
     description="QuaRot-style rotation: norms folded, residual stream rotated by a randomized Hadamard, online Hadamard before down_proj",
     parameters={"seed": 0, "down_proj": True, "values": True},
-    architectures=("llama", "mistral", "qwen2", "qwen3", "gemma"),
-    why_not=(
-        "the rotation must pass unchanged through the residual stream, and Gemma 2/3's sandwich norms "
-        "(RMSNorm on each attention and MLP output) do not commute with it"
-    ),
+    requires=("rmsnorm", "no-branch-output-norms", "separate-qkv"),
     needs_calibration=False,
 )
 

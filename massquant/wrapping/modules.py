@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from massquant.models.architectures import weight_out_in
 from massquant.quantizers.spec import TensorQuantSpec
 from massquant.quantizers.tensors import (
     KeepRule, keep_mask, observed_range, quantize_activation, quantize_kv, quantize_weight, real_rows,
@@ -112,9 +113,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, original: nn.Module, weight_part: TensorQuantSpec | None, input_part: TensorQuantSpec | None):
         super().__init__()
-        weight = original.weight
-        if not isinstance(original, nn.Linear):  # GPT-2's Conv1D stores [in, out]
-            weight = weight.t()
+        weight = weight_out_in(original)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.original = [original]  # a list, so the original is neither a submodule nor in state_dict
         with torch.no_grad():
