@@ -65,6 +65,7 @@ class Variant:
             "massive": self.massive.mode,
             "massive_detection": self.massive.detection if self.massive.mode != "none" else None,
             "massive_criteria": vars(self.massive.criteria) if self.massive.mode != "none" else None,
+            "massive_target": self.massive.target if self.massive.mode != "none" else None,
             "mitigation": self.mitigation_name,
             "mitigation_params": [{"name": c.name, **c.params} for c in self.mitigation],
         }
@@ -106,7 +107,10 @@ def check_variant(loaded, variant: Variant) -> None:
 def apply_variant(loaded, variant: Variant, calibration: torch.Tensor | None) -> AppliedQuantization:
     """Mitigations first (they change weights/structure), then massive handling around quantization."""
     check_variant(loaded, variant)
-    undo_mitigation = apply_post_hoc(loaded, list(variant.mitigation), calibration) if variant.mitigation else (lambda: None)
+    records: dict = {}
+    undo_mitigation = (
+        apply_post_hoc(loaded, list(variant.mitigation), calibration, records) if variant.mitigation else (lambda: None)
+    )
     try:
         spec = variant.spec
 
@@ -134,6 +138,8 @@ def apply_variant(loaded, variant: Variant, calibration: torch.Tensor | None) ->
     summary = dict(applied.summary)
     if variant.mitigation:
         summary["mitigation"] = variant.mitigation_name
+    if records:
+        summary["mitigation_record"] = records
     return AppliedQuantization(applied.model, undo, summary)
 
 

@@ -243,6 +243,28 @@ def fake_locate(monkeypatch, planted, token_ids):
     return sites, calls
 
 
+def normed_massive_channels(model, token_ids, threshold, ratio) -> dict:
+    """{(layer, "q" or "up"): channels} where q_proj's / up_proj's input has |x| > threshold and > ratio x its median |x|
+    in some sequence: plain hooks, sequence by sequence."""
+    found = {}
+    handles = []
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, module in (("q", layer.self_attn.q_proj), ("up", layer.mlp.up_proj)):
+            found[index, name] = set()
+
+            def hook(module, args, key=(index, name)):
+                x = args[0][0].abs()
+                found[key].update((x > max(threshold, ratio * x.flatten().median())).nonzero()[:, 1].tolist())
+
+            handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for row in token_ids:
+            model(input_ids=row[None])
+    for handle in handles:
+        handle.remove()
+    return {key: tuple(sorted(channels)) for key, channels in found.items()}
+
+
 def apply(planted, spec, mode, detection="calibrated", calibration=None, criteria=CRITERIA):
     variant = Variant(parse_spec(spec) if spec else None, MassivePolicy(mode, detection, criteria))
     return apply_variant(planted, variant, calibration)
@@ -252,13 +274,15 @@ def test_keep_sets_rules_on_located_inputs_restores_super_weights_and_counts(pla
     sites, _ = fake_locate
     reference = layer_outputs(planted.model, token_ids)[-1]
     criteria = MassiveCriteria(2.0, 5.0)  # the normed first token reaches ~8 in channel 7 of this tiny model
+    normed = normed_massive_channels(planted.model, token_ids, 2.0, 5.0)
     applied = apply(planted, "w4g16a8-tensor", "keep", calibration=token_ids, criteria=criteria)
     try:
         layers = decoder_layers(planted.model)
         rules = {name: module.input_quantizer.keep for name, module in planted.model.named_modules() if isinstance(module, QuantLinear)}
-        assert rules["model.layers.0.self_attn.q_proj"] is None  # the stream entering layer 0 has no located site
-        assert rules["model.layers.1.self_attn.q_proj"] == KeepRule(2.0, 5.0, (MASSIVE_CHANNEL,))
-        assert rules["model.layers.2.mlp.up_proj"] == KeepRule(2.0, 5.0, (MASSIVE_CHANNEL,))
+        # readers: the channels massive in the stream entering their layer, and those massive in their own (normed) input
+        assert rules["model.layers.0.self_attn.q_proj"] == KeepRule(2.0, 5.0, normed[0, "q"]) != KeepRule(2.0, 5.0, ())
+        assert rules["model.layers.1.self_attn.q_proj"] == KeepRule(2.0, 5.0, tuple(sorted({MASSIVE_CHANNEL, *normed[1, "q"]})))
+        assert rules["model.layers.2.mlp.up_proj"] == KeepRule(2.0, 5.0, tuple(sorted({MASSIVE_CHANNEL, *normed[2, "up"]})))
         assert rules["model.layers.1.mlp.down_proj"] == KeepRule(2.0, 5.0, (3, 11))
         assert rules["model.layers.1.self_attn.o_proj"] is None
         down = layers[1].mlp.down_proj
@@ -266,17 +290,22 @@ def test_keep_sets_rules_on_located_inputs_restores_super_weights_and_counts(pla
         assert (down.weight != down.original[0].weight).sum() > 0.5 * down.weight.numel()  # the rest is 4-bit
         quantized = layer_outputs(planted.model, token_ids)[-1]
         q_proj = layers[1].self_attn.q_proj.input_quantizer
-        assert q_proj.kept_values == len(token_ids)  # the first token's channel 7, in each sequence
+        assert q_proj.kept_values >= len(token_ids)  # the first token's channel 7 in each sequence, and normed outliers
         with_rules = [m.input_quantizer for m in planted.model.modules() if isinstance(m, QuantLinear) and m.input_quantizer.keep]
     finally:
         applied.undo()
     record = applied.summary["massive"]
     kept, inspected = sum(q.kept_values for q in with_rules), sum(q.inspected_values for q in with_rules)
-    assert record["keep_rules"] == len(with_rules) == 5 + 1 + 5  # layer 1: residual readers and down_proj; layer 2: readers
+    readers_with_channels = sum(5 for layer in range(3) if normed[layer, "q"] or normed[layer, "up"] or layer > 0)
+    assert record["keep_rules"] == len(with_rules) == readers_with_channels + 1  # + layer 1's down_proj
     hidden, intermediate = 64, 128
     assert record["kept_values"] == kept > 0
-    assert record["inspected_values"] == inspected == token_ids.numel() * (10 * hidden + intermediate)  # one forward
+    assert record["inspected_values"] == inspected == token_ids.numel() * (readers_with_channels * hidden + intermediate)  # one forward
     assert record["kept_fraction"] == pytest.approx(kept / inspected)
+    # where: per (linear, channel, token, position), summing to the count; the first token's channel 7 in each sequence
+    assert sum(entry["values"] for entry in record["kept"]) == kept
+    first = [e for e in record["kept"] if e["linear"] == "model.layers.1.self_attn.q_proj" and e["channel"] == MASSIVE_CHANNEL]
+    assert [(e["token_id"], e["position"], e["values"]) for e in first] == [(int(token_ids[0, 0]), "first", len(token_ids))]
     assert record["super_weights_restored"] == [{"layer": 1, "row": MASSIVE_CHANNEL, "col": 3}]
     assert not torch.equal(quantized, reference)
     assert torch.equal(layer_outputs(planted.model, token_ids)[-1], reference)
@@ -316,11 +345,12 @@ def test_keep_recalibrates_static_ranges_without_the_kept_values(planted, token_
     layer_outputs(planted.model, token_ids)
     handle.remove()
     x = inputs[0]
-    kept = outlier_mask(x, 2.0, 5.0, (MASSIVE_CHANNEL,))
+    channels = sorted({MASSIVE_CHANNEL, *normed_massive_channels(planted.model, token_ids, 2.0, 5.0)[1, "q"]})
+    kept = outlier_mask(x, 2.0, 5.0, channels)
     applied = apply(planted, "a8-static", "keep", calibration=token_ids, criteria=criteria)
     try:
         quantizer = decoder_layers(planted.model)[1].self_attn.q_proj.input_quantizer
-        assert kept.sum() == 2
+        assert kept.sum() >= 2 and kept[:, 0, MASSIVE_CHANNEL].all()
         assert float(quantizer.amax) == pytest.approx(float(x[~kept].abs().max()))
         assert float(quantizer.amax) < float(x.abs().max())
     finally:

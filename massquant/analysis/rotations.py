@@ -17,6 +17,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from massquant.models.passes import run_sequences
 from massquant.quantizers.functional import energy_ratio_db
 
 TOKEN_CLASSES = ("massive", "other")
@@ -84,15 +85,11 @@ def activation_errors(model, input_ids: torch.Tensor, part, carriers: set[tuple[
         return hook
 
     linears = select_linears(model, QuantSpec(activations=part), QUANTIZABLE_TYPES)
-    handles = [module.register_forward_pre_hook(hook_for(linear_kind(name))) for name, module in linears]
-    device = next(model.parameters()).device
-    try:
-        for index, row in enumerate(tqdm(input_ids, desc="activation errors", unit="seq", leave=False)):
-            current["massive"] = torch.tensor([(index, position) in carriers for position in range(len(row))])
-            model(input_ids=row[None].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    def mark(index: int, row: torch.Tensor) -> None:
+        current["massive"] = torch.tensor([(index, position) in carriers for position in range(len(row))])
+
+    hooks = [(module, "pre", hook_for(linear_kind(name))) for name, module in linears]
+    run_sequences(model, input_ids, hooks, "activation errors", mark)
     return errors
 
 

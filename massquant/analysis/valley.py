@@ -15,9 +15,9 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from massquant.models.architectures import decoder_layers
+from massquant.models.architectures import decoder_layers, layer_hidden
+from massquant.models.passes import run_sequences
 
 
 def matrix_entropies(x: torch.Tensor) -> tuple[float, float]:
@@ -50,25 +50,15 @@ def compression_valley(model, input_ids: torch.Tensor) -> dict:
     sequences of ``input_ids`` [sequences, tokens]; the correlations across layers."""
     layers = decoder_layers(model)
     sums = np.zeros((len(layers), 4))  # von Neumann, Rényi-2, first-token norm, median other-token norm
-    current: dict[int, torch.Tensor] = {}
-
     def hook_for(index: int):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            x = hidden[0].float()
+            x = layer_hidden(output)[0].float()
             norms = torch.linalg.vector_norm(x, dim=-1)
             sums[index] += [*matrix_entropies(x), float(norms[0]), float(norms[1:].median())]
 
         return hook
 
-    handles = [layer.register_forward_hook(hook_for(index)) for index, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        for row in tqdm(input_ids, desc="compression valley", unit="seq", leave=False):
-            model(input_ids=row[None].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_sequences(model, input_ids, [(layer, "forward", hook_for(index)) for index, layer in enumerate(layers)], "compression valley")
     means = sums / len(input_ids)
     rows = [
         {"layer": index, "von_neumann": float(v), "renyi2": float(r), "first_token_norm": float(f), "token_norm": float(t)}

@@ -1,5 +1,6 @@
-"""massquant intervene: perplexity with the first layer's massive activations zeroed, set to their mean or clipped,
-and with the super weights zeroed, against the unchanged model."""
+"""massquant intervene: perplexity with targeted massive activations (``--massive-target``; default: the first
+massive layer's) zeroed, set to their mean or clipped, and with the super weights zeroed, against the unchanged model.
+Each row records which (layer, channel, token) values it changed."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from massquant.errors import UserError
 from massquant.evaluation.perplexity import build_windows, perplexity
 from massquant.massive.handling import locate_sites, sites_summary
 from massquant.massive.intervene import (
-    INTERVENTIONS, InterventionCounts, ResidualTarget, first_layer_target, intervene_residual, mean_tables,
-    zero_super_weights,
+    INTERVENTIONS, InterventionCounts, describe_targets, intervene_targets, mean_tables, zero_super_weights,
 )
+from massquant.massive.targets import residual_targets
 from massquant.models.architectures import architecture_of
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.validation import model_facts
@@ -39,6 +40,16 @@ def add_arguments(parser) -> None:
     common.add_output_arguments(parser)
 
 
+def changed_tokens(changed: list[dict], shown: int = 3) -> str:
+    """The tokens whose values a row changed, most values first: "'<bos>' (first) 16, ' ' 8, …"."""
+    by_token: dict[str, int] = {}
+    for entry in changed:
+        text = repr(entry.get("token", entry["token_id"])) + (" (first)" if entry["position"] == "first" else "")
+        by_token[text] = by_token.get(text, 0) + entry["values"]
+    ranked = sorted(by_token.items(), key=lambda item: -item[1])
+    return ", ".join(f"{text} {count}" for text, count in ranked[:shown]) + (", …" if len(ranked) > shown else "")
+
+
 def chosen_interventions(text: str) -> list[str]:
     chosen = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in CHOICES]
@@ -55,6 +66,7 @@ def run(args) -> int:
     model_config.validate()
     interventions = chosen_interventions(args.interventions)
     criteria = settings.massive_criteria(args)
+    targets = settings.massive_targets(args)
     common.seed_everything(args.seed)
     text = load_text(ppl_config.data)
     load_text(args.calib_data)  # a missing calibration text fails now, not after the model loads
@@ -72,7 +84,7 @@ def run(args) -> int:
             f"no massive activations found on the calibration text (|a| > {criteria.abs_threshold:g} and > "
             f"{criteria.median_ratio:g} x median); lower --massive-threshold or --massive-ratio"
         )
-    target = first_layer_target(sites, criteria) if args.massive_detection == "calibrated" else ResidualTarget(criteria)
+    where_of = {target: residual_targets(sites, target, criteria, args.massive_detection) for target in targets}
     means = mean_tables(sites, model.config.hidden_size)
     payload = {
         "command": "intervene",
@@ -81,22 +93,24 @@ def run(args) -> int:
         "calibration": dataclasses.asdict(settings.calibration(args)),
         "detection": args.massive_detection,
         "criteria": vars(criteria),
+        "targets": targets,
         "located": sites_summary(sites),
         "seed": args.seed,
         "environment": environment(),
         "rows": [],
     }
 
-    def measure(name: str, install, where: str) -> dict:
+    def measure(name: str, install, where: str, target: str | None = None) -> dict:
         counts = InterventionCounts()
         undo = install(counts)
         try:
             result = perplexity(model, windows, ppl_config.batch_size, description=name)
         finally:
             undo()
-        row = {"intervention": name, "where": where, **result.as_dict(), **counts.as_dict()}
-        if counts.layers and target.layer is None:
-            row["where"] = f"layer {', '.join(map(str, sorted(counts.layers)))} (found per forward)"
+        row = {"intervention": name, "target": target, "where": where, **result.as_dict(), **counts.as_dict(loaded.tokenizer)}
+        row["changed_tokens"] = changed_tokens(row["changed"])
+        if counts.layers and args.massive_detection == "dynamic":
+            row["where"] += f" (found per forward: layer {', '.join(map(str, sorted(counts.layers)))})"
         row["delta_ppl"] = row["ppl"] - rows[0]["ppl"] if rows else 0.0
         rows.append(row)
         payload["rows"] = rows
@@ -110,7 +124,11 @@ def run(args) -> int:
     measure("unchanged", lambda counts: (lambda: None), "")
     for name in interventions:
         if name != SUPER_WEIGHTS:
-            measure(name, lambda counts, name=name: intervene_residual(model, name, target, means, counts), target.describe())
+            for target in targets:
+                chosen = where_of[target]
+                label = name if len(targets) == 1 else f"{name} {target}"
+                measure(label, lambda counts, name=name, chosen=chosen: intervene_targets(model, name, chosen, means, counts),
+                        describe_targets(chosen), target)
         elif sites.super_weights:
             where = "; ".join(f"layer {w.layer} down_proj[{w.row}, {w.col}]" for w in sites.super_weights)
             measure(name, zero_weights, where)

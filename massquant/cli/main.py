@@ -9,6 +9,7 @@ from massquant.cli import compare as compare_command, run as run_command
 from massquant.cli import lm_eval as lm_eval_command
 from massquant.cli import mitigations as mitigations_command
 from massquant.cli import train as train_command
+from massquant.cli import across as across_command
 from massquant.cli import intervene as intervene_command
 from massquant.cli import locate as locate_command
 from massquant.cli import report as report_command
@@ -16,7 +17,7 @@ from massquant.cli import analyze as analyze_command
 from massquant.errors import UserError
 from massquant.reporting.results import record_command_line
 
-COMMANDS = [eval_command, errors_command, run_command, compare_command, lm_eval_command, mitigations_command, train_command, intervene_command, locate_command, report_command, analyze_command]
+COMMANDS = [eval_command, errors_command, run_command, compare_command, lm_eval_command, mitigations_command, train_command, intervene_command, locate_command, across_command, analyze_command, report_command]
 
 
 def build_parser() -> common.ArgumentParser:

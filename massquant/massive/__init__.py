@@ -14,6 +14,30 @@ from massquant.errors import UserError
 
 MASSIVE_POLICIES = ("none", "keep", "suppress-zero", "suppress-mean", "clip")
 DETECTION_MODES = ("calibrated", "dynamic")
+# Which massive activations a policy or intervention acts on (massquant.massive.targets); "channel:N" names one.
+TARGETS = ("first-layer", "dominant", "all", "channel:N")
+DEFAULT_TARGET = "first-layer"
+
+
+def target_channel(target: str) -> int | None:
+    """N of ``channel:N``; None for the other targets. Raises UserError for anything not in ``TARGETS``."""
+    name, colon, number = target.partition(":")
+    if colon and name == "channel" and number.isdigit():
+        return int(number)
+    if target in TARGETS and not colon:
+        return None
+    raise UserError(f"unknown massive target '{target}'; accepted: {', '.join(TARGETS)} (N: a residual channel index)")
+
+
+def check_target(target: str, detection: str = "calibrated") -> str:
+    """``target`` if it is valid with ``detection``: dominant and all need the phenomena located on calibration data."""
+    target_channel(target)
+    if detection == "dynamic" and target in ("dominant", "all"):
+        raise UserError(
+            f"massive target '{target}' needs --massive-detection calibrated (phenomena are found on calibration "
+            "sequences); dynamic detection takes first-layer or channel:N"
+        )
+    return target
 
 
 # What counts as massive, after the paper each rule comes from; every rule also needs |a| > abs_threshold.
@@ -89,6 +113,7 @@ class MassivePolicy:
     mode: str = "none"  # one of MASSIVE_POLICIES
     detection: str = "calibrated"  # sites found once on calibration data, or per forward
     criteria: MassiveCriteria = field(default_factory=MassiveCriteria)
+    target: str = DEFAULT_TARGET  # which massive activations: one of TARGETS
 
     def validate(self) -> "MassivePolicy":
         if self.mode not in MASSIVE_POLICIES:
@@ -96,10 +121,12 @@ class MassivePolicy:
         if self.detection not in DETECTION_MODES:
             raise UserError(f"unknown massive detection '{self.detection}'; accepted: {', '.join(DETECTION_MODES)}")
         self.criteria.validate()
+        check_target(self.target, self.detection)
         return self
 
     @property
     def label(self) -> str:
         if self.mode == "none":
             return "none"
-        return self.mode + ("" if self.detection == "calibrated" else "@dynamic")
+        target = "" if self.target == DEFAULT_TARGET else f":{self.target}"
+        return self.mode + target + ("" if self.detection == "calibrated" else "@dynamic")

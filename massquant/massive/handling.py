@@ -4,9 +4,17 @@
   quantization (left out of the scale, passed through unquantized) and super
   weights get their full-precision value back after weight quantization. Needs
   the fake backend, whose activation quantizers carry the keep rules.
-- ``suppress-zero`` / ``suppress-mean``: at the first massive layer the values
+- ``suppress-zero`` / ``suppress-mean``: at the targeted layers (``--massive-target``,
+  ``massquant.massive.targets``; default: the first massive layer) the values
   are set to zero / to their calibrated mean, then the model is quantized;
 - ``clip``: the same, clamping them to the massive threshold instead.
+
+Calibrated ``keep`` inspects, at each linear reading the residual stream, the
+channels massive in the stream entering its layer *and* those massive in the
+linear's own input after its norm (Gemma's norms turn a residual value of 1e5
+into an ordinary one and can make other channels massive); the target filters
+them. Each row records which (layer or linear, channel, token) values were
+changed or kept.
 
 Detection is ``calibrated`` (layer, channels and super weights located once on
 calibration sequences; in those channels a value still has to meet the
@@ -18,6 +26,7 @@ quantizing, so calibrated ranges see the suppressed activations.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -26,12 +35,13 @@ from massquant.backends import AppliedQuantization
 from massquant.errors import UserError
 from massquant.massive import MassiveCriteria, MassivePolicy
 from massquant.massive.intervene import (
-    InterventionCounts, ResidualTarget, down_projection, first_layer_target, intervene_residual, mean_tables,
-    set_super_weights,
+    InterventionCounts, TokenIds, describe_targets, down_projection, intervene_targets, mean_tables,
+    set_super_weights, site_counts,
 )
 from massquant.massive.locate import LocateConfig, locate
 from massquant.massive.sites import MassiveSites, SuperWeight
 from massquant.massive.super_weights import find_super_weights
+from massquant.massive.targets import kept_channel, linear_input_channels, residual_reader_groups, residual_targets
 from massquant.models.architectures import architecture_of, decoder_layers, get_path, weight_out_in
 from massquant.quantizers.tensors import KeepRule
 from massquant.wrapping.modules import QuantLinear
@@ -64,39 +74,53 @@ def _needs_sites(policy: MassivePolicy) -> bool:
     return policy.detection == "calibrated" or policy.mode == "suppress-mean"
 
 
-def _residual_target(policy: MassivePolicy, sites: MassiveSites | None) -> ResidualTarget | None:
-    if policy.detection == "dynamic":
-        return ResidualTarget(policy.criteria)
-    return first_layer_target(sites, policy.criteria)
-
-
 def _residual_readers(model) -> list[str]:
     """Paths (within a decoder layer) of the linears that read the normed residual stream."""
-    architecture = architecture_of(model)
-    return [path for path in (architecture.query, architecture.key, architecture.value, *architecture.up_proj) if path]
+    return [path for group in residual_reader_groups(model) for path in group]
 
 
-def keep_rules(model, policy: MassivePolicy, sites: MassiveSites | None) -> dict[QuantLinear, KeepRule]:
+def keep_rules(
+    model, policy: MassivePolicy, sites: MassiveSites | None,
+    linear_inputs: dict[tuple[int, str], list[int]] | None = None, super_weights: list[SuperWeight] = (),
+) -> dict[QuantLinear, KeepRule]:
     """The keep rule of each quantized linear whose input is quantized.
 
     Dynamic: every channel of every such linear. Calibrated: the linears that
     read the residual stream inspect the channels massive in the stream that
-    enters their layer; down projections inspect their located input channels.
+    enters their layer and those massive in their own input
+    (``linear_inputs``, from ``targets.linear_input_channels``); down
+    projections inspect their located input channels. A ``dominant`` or
+    ``channel:N`` target narrows readers to that channel and down projections
+    to the input channels of the super weights writing it.
     """
     criteria = policy.criteria
     quantized = {module for module in model.modules() if isinstance(module, QuantLinear) and module.input_quantizer is not None}
-    if policy.detection == "dynamic":
-        return {module: KeepRule(criteria.abs_threshold, criteria.median_ratio) for module in quantized}
-    channels_by_layer: dict[int, set[int]] = {}
-    for site in sites.sites:
-        channels_by_layer.setdefault(site.layer, set()).add(site.channel)
+    only = kept_channel(sites, policy.target)
+    writers: dict[int, set[int]] = {}  # layer -> down_proj input channels of super weights writing `only`
+    for weight in super_weights:
+        if weight.row == only:
+            writers.setdefault(weight.layer, set()).add(weight.col)
     readers, down_proj = _residual_readers(model), architecture_of(model).down_proj
+    if policy.detection == "dynamic":
+        if only is None:
+            return {module: KeepRule(criteria.abs_threshold, criteria.median_ratio) for module in quantized}
+        channels_at = lambda index, path: (only,) if path in readers else writers.get(index, ())  # noqa: E731
+    else:
+        channels_by_layer: dict[int, set[int]] = {}
+        for site in sites.sites:
+            channels_by_layer.setdefault(site.layer, set()).add(site.channel)
+
+        def channels_at(index: int, path: str):
+            if path == down_proj:
+                return writers.get(index, ()) if only is not None else sites.down_proj_channels.get(index, ())
+            found = set(channels_by_layer.get(index - 1, ())) | set((linear_inputs or {}).get((index, path), ()))
+            return found & {only} if only is not None else found
+
     rules = {}
     for index, layer in enumerate(decoder_layers(model)):
-        located = [(path, channels_by_layer.get(index - 1, ())) for path in readers]
-        located.append((down_proj, sites.down_proj_channels.get(index, ())))
-        for path, channels in located:
+        for path in (*readers, down_proj):
             module = get_path(layer, path)
+            channels = channels_at(index, path)
             if module in quantized and channels:
                 rules[module] = KeepRule(criteria.abs_threshold, criteria.median_ratio, tuple(sorted(channels)))
     return rules
@@ -110,17 +134,23 @@ def _super_weights_to_keep(loaded, policy: MassivePolicy, sites: MassiveSites | 
 
 
 def _keep(
-    model, policy: MassivePolicy, sites: MassiveSites | None, super_weights: list[SuperWeight],
-    calibration: torch.Tensor | None, record: dict,
+    loaded, model, policy: MassivePolicy, sites: MassiveSites | None, super_weights: list[SuperWeight],
+    calibration: torch.Tensor | None, record: dict, linear_inputs: dict | None,
 ):
     """Set the keep rules and restore super weights; returns the undo steps and a function that records the counts."""
-    rules = keep_rules(model, policy, sites)
+    rules = keep_rules(model, policy, sites, linear_inputs, super_weights)
+    token_ids = TokenIds(model)
+    kept_at: Counter = Counter()  # (linear, channel, token id, first) -> values kept
+    names = {module: name for name, module in model.named_modules() if module in rules}
     for module, rule in rules.items():
         module.input_quantizer.keep = rule
+        module.input_quantizer.on_kept = lambda mask, name=names[module]: token_ids.count(kept_at, name, mask)
 
     def drop_rules() -> None:
+        token_ids.remove()
         for module in rules:
             module.input_quantizer.keep = None
+            module.input_quantizer.on_kept = None
 
     undo_steps: list[Callable[[], None]] = [drop_rules]
     # Static ranges were calibrated with the massive values in them; calibrate again without them.
@@ -130,7 +160,11 @@ def _keep(
     ]
     if static and rules:
         calibrate(model, static, calibration)
-    quantized_weights = [w for w in super_weights if isinstance(down_projection(model, w.layer), QuantLinear)]
+    only = kept_channel(sites, policy.target)
+    quantized_weights = [
+        w for w in super_weights
+        if isinstance(down_projection(model, w.layer), QuantLinear) and (only is None or w.row == only)
+    ]
     undo_steps.append(
         set_super_weights(
             model, quantized_weights,
@@ -139,13 +173,17 @@ def _keep(
     )
     record.update(
         keep_rules=len(rules),
+        keep_channels={names[module]: list(rule.channels) if rule.channels is not None else "all" for module, rule in rules.items()},
         super_weights_restored=[{"layer": w.layer, "row": w.row, "col": w.col} for w in quantized_weights],
     )
 
     def record_counts() -> None:
         kept = sum(module.input_quantizer.kept_values for module in rules)
         inspected = sum(module.input_quantizer.inspected_values for module in rules)
-        record.update(kept_values=kept, inspected_values=inspected, kept_fraction=kept / inspected if inspected else 0.0)
+        record.update(
+            kept_values=kept, inspected_values=inspected, kept_fraction=kept / inspected if inspected else 0.0,
+            kept=site_counts(kept_at, loaded.tokenizer),
+        )
 
     return undo_steps, record_counts
 
@@ -165,9 +203,11 @@ def handle_massive(
         raise UserError(f"--massive {policy.label} needs calibration sequences to locate massive activations")
     sites = locate_sites(model, calibration, policy.criteria) if _needs_sites(policy) else None
     super_weights = _super_weights_to_keep(loaded, policy, sites) if policy.mode == "keep" else []
+    keep_calibrated = policy.mode == "keep" and policy.detection == "calibrated"
+    linear_inputs = linear_input_channels(model, calibration, policy.criteria) if keep_calibrated else None
     record = {
         "policy": policy.mode, "detection": policy.detection, "criteria": vars(policy.criteria),
-        "located": sites_summary(sites),
+        "target": policy.target, "located": sites_summary(sites),
     }
     undo_steps: list[Callable[[], None]] = []
     record_steps: list[Callable[[], None]] = []
@@ -179,21 +219,24 @@ def handle_massive(
             undo_steps.pop()()
 
     try:
-        target = _residual_target(policy, sites) if policy.mode in INTERVENTION_OF_POLICY else None
+        targets = (
+            residual_targets(sites, policy.target, policy.criteria, policy.detection)
+            if policy.mode in INTERVENTION_OF_POLICY else []
+        )
         counts = InterventionCounts()
         means = mean_tables(sites, model.config.hidden_size) if policy.mode == "suppress-mean" else None
 
         def suppress(on_model) -> None:
-            undo_steps.append(intervene_residual(on_model, INTERVENTION_OF_POLICY[policy.mode], target, means, counts))
+            undo_steps.append(intervene_targets(on_model, INTERVENTION_OF_POLICY[policy.mode], targets, means, counts))
 
-        if target is not None:
+        if targets:
             suppress(model)
-            record.update(intervention=target.describe())
-            record_steps.append(lambda: record.update(counts.as_dict()))
+            record.update(intervention=describe_targets(targets))
+            record_steps.append(lambda: record.update(counts.as_dict(loaded.tokenizer)))
         applied = quantize()
         undo_steps.append(applied.undo)
         counts.clear()  # calibration passes inside quantize() are not part of the evaluation
-        if target is not None and applied.model is not model:  # a backend that builds a new model (GPTQ)
+        if targets and applied.model is not model:  # a backend that builds a new model (GPTQ)
             suppress(applied.model)
         if policy.mode == "keep":
             backend = applied.summary.get("backend", "fake")
@@ -202,7 +245,9 @@ def handle_massive(
                     f"--massive keep needs --backend fake (its activation quantizers hold the keep rules); "
                     f"got '{backend}'. suppress-zero, suppress-mean and clip work with every backend"
                 )
-            steps, record_counts = _keep(applied.model, policy, sites, super_weights, calibration, record)
+            steps, record_counts = _keep(
+                loaded, applied.model, policy, sites, super_weights, calibration, record, linear_inputs
+            )
             undo_steps.extend(steps)
             record_steps.append(record_counts)
     except BaseException:

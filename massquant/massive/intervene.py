@@ -1,8 +1,11 @@
 """Interventions on massive activations: pure tensor functions, and the hooks that apply them to a model.
 
-At the first layer whose output (the residual stream) carries massive values,
-those values are set to zero, to their calibrated mean, or clipped to the
-massive threshold; separately, super weights (Yu et al. 2024) can be zeroed.
+At chosen decoder layers' outputs (the residual stream; by default the first
+layer that carries massive values, see ``massquant.massive.targets`` for the
+others) the massive values of chosen channels are set to zero, to their
+calibrated mean, or clipped to the massive threshold; separately, super weights
+(Yu et al. 2024) can be zeroed. What was changed is counted per (layer,
+channel, token).
 Means are measured on calibration sequences separately for the first position
 and for the others, as in the refined analysis of Owen et al. (2025): the
 first token's massive values differ from a delimiter's. Every installer
@@ -50,13 +53,58 @@ class InterventionCounts:
     values: int = 0  # activation values changed
     without_mean: int = 0  # massive values left as they were: no calibrated mean for their layer/position/channel
     layers: Counter = field(default_factory=Counter)  # layer -> forwards in which it was intervened on
+    # (layer, channel, token id or -1 when unknown, at position 0) -> values changed there
+    changed: Counter = field(default_factory=Counter)
 
     def clear(self) -> None:
         self.values = self.without_mean = 0
         self.layers.clear()
+        self.changed.clear()
 
-    def as_dict(self) -> dict:
-        return {"values_changed": self.values, "values_without_mean": self.without_mean, "layers": dict(self.layers)}
+    def as_dict(self, tokenizer=None) -> dict:
+        """``values_changed``, ``values_without_mean``, ``layers`` and ``changed``: one entry per (layer, channel, token)."""
+        return {
+            "values_changed": self.values, "values_without_mean": self.without_mean, "layers": dict(self.layers),
+            "changed": site_counts(self.changed, tokenizer),
+        }
+
+
+def site_counts(counter: Counter, tokenizer=None) -> list[dict]:
+    """``{(layer or path, channel, token id, first): values}`` as rows, most values first; token texts with a tokenizer."""
+    rows = []
+    for (where, channel, token_id, first), values in sorted(counter.items(), key=lambda item: (-item[1], str(item[0]))):
+        row = {"layer" if isinstance(where, int) else "linear": where, "channel": channel, "token_id": token_id,
+               "position": "first" if first else "other", "values": values}
+        if tokenizer is not None and token_id >= 0:
+            row["token"] = tokenizer.decode([token_id])
+        rows.append(row)
+    return rows
+
+
+class TokenIds:
+    """The ``input_ids`` of the forward in flight (``[batch, tokens]``), read by a pre-hook on the top-level model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.ids: Tensor | None = None
+        self._handle = model.register_forward_pre_hook(self._read, with_kwargs=True)
+
+    def _read(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.ids = ids if isinstance(ids, Tensor) and ids.dim() == 2 else None
+
+    def count(self, counter: Counter, where, mask: Tensor) -> None:
+        """Add the True entries of ``mask`` ``[batch, tokens, channels]`` to ``counter`` by (where, channel, token, first)."""
+        mask = mask.reshape(-1, *mask.shape[-2:])
+        batch, token, channel = mask.nonzero(as_tuple=True)
+        ids, tokens = self.ids, mask.shape[1]
+        token_ids = [-1] * len(batch)
+        if ids is not None and ids.shape[0] == mask.shape[0] and ids.shape[1] >= tokens:
+            token_ids = ids[:, ids.shape[1] - tokens :][batch.to(ids.device), token.to(ids.device)].tolist()
+        for token_id, position, index in zip(token_ids, token.tolist(), channel.tolist()):
+            counter[(where, index, token_id, position == 0)] += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 # ---- pure functions on tensors ----------------------------------------------------------------
@@ -160,9 +208,11 @@ def intervene_residual(
         counts.layers[index] += 1
         if kind == "zero":
             counts.values += int(mask.sum())
+            token_ids.count(counts.changed, index, mask)
             return zero_values(hidden, mask)
         if kind == "clip":
             counts.values += int(mask.sum())
+            token_ids.count(counts.changed, index, mask)
             bound = outlier_cutoff(hidden, criteria.abs_threshold, criteria.median_ratio, real_of(hidden))
             return clip_values(hidden, mask, bound)
         table = means.get(index)
@@ -170,7 +220,9 @@ def intervene_residual(
             counts.without_mean += int(mask.sum())
             return hidden
         table = table.to(hidden.device)
-        changed = int((mask & ~table[position_classes(positions)].isnan()).sum())
+        with_mean = mask & ~table[position_classes(positions)].isnan()
+        changed = int(with_mean.sum())
+        token_ids.count(counts.changed, index, with_mean)
         counts.values += changed
         counts.without_mean += int(mask.sum()) - changed
         return mean_values(hidden, mask, table, positions)
@@ -190,6 +242,7 @@ def intervene_residual(
         changed_sequences["this_forward"] = None
 
     indices = [target.layer] if target.layer is not None else range(len(layers))
+    token_ids = TokenIds(model)
     handles = [layers[index].register_forward_hook(hook_for(index), with_kwargs=True) for index in indices]
     if target.layer is None:
         handles.append(layers[0].register_forward_pre_hook(reset))
@@ -198,9 +251,35 @@ def intervene_residual(
     def undo() -> None:
         for handle in handles:
             handle.remove()
+        token_ids.remove()
         detach_padding()
 
     return undo
+
+
+def intervene_targets(
+    model, kind: str, targets: list[ResidualTarget], means: dict[int, Tensor] | None = None,
+    counts: InterventionCounts | None = None,
+) -> Callable[[], None]:
+    """``intervene_residual`` for each target (e.g. one per phenomenon, at its own first layer); one undo for all."""
+    undos = []
+    try:
+        for target in targets:
+            undos.append(intervene_residual(model, kind, target, means, counts))
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
+
+    def undo_all() -> None:
+        for undo in reversed(undos):
+            undo()
+
+    return undo_all
+
+
+def describe_targets(targets: list[ResidualTarget]) -> str:
+    return "; ".join(target.describe() for target in targets)
 
 
 # ---- super weights -------------------------------------------------------------------------------

@@ -203,8 +203,13 @@ def check_applicable(model, variant: list[MitigationChoice]) -> None:
             )
 
 
-def apply_post_hoc(loaded, variant: list[MitigationChoice], calibration: torch.Tensor | None) -> Callable[[], None]:
+def apply_post_hoc(
+    loaded, variant: list[MitigationChoice], calibration: torch.Tensor | None, records: dict | None = None
+) -> Callable[[], None]:
     """Apply every choice of ``variant`` in order; returns one undo for all of them.
+
+    A mitigation whose undo carries a ``record`` dict (what it chose, e.g.
+    prefixkv's tokens) has it put in ``records`` under its name.
 
     ``massquant.variants.check_variant`` has refused training-time entries:
     they change the model only together with fine-tuning (``massquant train``),
@@ -222,6 +227,8 @@ def apply_post_hoc(loaded, variant: list[MitigationChoice], calibration: torch.T
             if entry.needs_calibration and calibration is None:
                 raise UserError(f"mitigation '{entry.name}' needs calibration sequences")
             undos.append(entry.implementation().apply(loaded, choice.params, calibration))
+            if records is not None and getattr(undos[-1], "record", None) is not None:
+                records[entry.name] = undos[-1].record
     except BaseException:
         undo()
         raise

@@ -32,6 +32,8 @@ rotated). The per-head and online down_proj rotations stay Hadamard
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from functools import cache
 from typing import Callable
@@ -235,9 +237,7 @@ def _rotate_layer(layer: nn.Module, architecture, rotation: Rotation, params: di
     if params["values"]:  # values (outputs of v_proj) and o_proj's input, head by head
         head_dim = get_path(layer, architecture.attention).head_dim
         head_rotation = plain_hadamard(head_dim, params["seed"]).to(rotation.signs.device)
-
-        def per_head(x: torch.Tensor) -> torch.Tensor:
-            return head_rotation(x.unflatten(-1, (-1, head_dim))).flatten(-2)
+        per_head = functools.partial(_per_head, head_rotation, head_dim)
 
     _fold_and_rotate_readers(
         get_path(layer, architecture.input_norm), {query: _unchanged, key: _unchanged, value: per_head}, rotation, edits
@@ -253,6 +253,11 @@ def _rotate_layer(layer: nn.Module, architecture, rotation: Rotation, params: di
     _set_linear(down_proj, edits, lambda w: rotate_inputs(rotate_outputs(w, rotation), online), rotation)
     parent_path, _, attribute = architecture.down_proj.rpartition(".")
     edits.set(get_path(layer, parent_path), attribute, HadamardInput(down_proj, online.left, online.right))
+
+
+def _per_head(head_rotation, head_dim: int, x: torch.Tensor) -> torch.Tensor:
+    """Rotate each head's ``head_dim`` channels of ``x`` [..., heads * head_dim]."""
+    return head_rotation(x.unflatten(-1, (-1, head_dim))).flatten(-2)
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -12,7 +12,17 @@ maximum |x| of its down-projection input exceeds ``threshold`` times the
 median of those maxima over the sequence's tokens. The prefix is BOS (when
 ``bos``) then the ``count`` tokens most often outliers (position 0 excluded:
 it is the sink whatever its token); ``count=-1`` takes as many as the layer
-with the most outlier tokens has per sequence on average, rounded up.
+with the most outlier tokens has per sequence on average, rounded up. With
+``residual=true``, the tokens that carry massive activations in the
+residual stream after position 0 follow — those whose value would count in
+the typical layer too (``phenomena.beyond_typical``), not Gemma 3's thousands
+of ordinary tokens that pass only in its low-median first layers — most
+frequent first: Gemma 3's second sink token (a lone space), which the
+down-projection maxima miss. Off by default: on Gemma 3 the lone space is a
+sink only in context (before a number), so prefixing it leaves the in-window
+sink in place (max |a| unchanged) and per-tensor W8A8 got worse (+7.65 against
++6.01 with BOS alone, 1,024 enwiki tokens). Every row records the chosen
+prefix (``mitigation_record``).
 
 The prefix's keys and values are computed on the model as it is when the
 mitigation is applied (before quantization), prepended after KV-cache
@@ -30,6 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 from massquant.errors import UserError
+from massquant.massive.locate import LocateConfig, locate
+from massquant.massive.phenomena import beyond_typical
 from massquant.mitigations import Mitigation
 from massquant.models.architectures import architecture_of, decoder_layers, get_path
 from massquant.wrapping.attention import (
@@ -45,7 +57,7 @@ MITIGATION = Mitigation(
     name="prefixkv",
     kind="post-hoc",
     description="PrefixQuant: BOS and frequent outlier tokens prefilled once in full precision, prepended to every sequence's KV",
-    parameters={"threshold": 64.0, "count": -1, "bos": True},
+    parameters={"threshold": 64.0, "count": -1, "bos": True, "residual": False},
     needs_calibration=True,
 )
 
@@ -106,6 +118,19 @@ def choose_prefix_tokens(
     return ([bos_token_id] if bos_token_id is not None else []) + ranked[:count]
 
 
+def residual_sink_tokens(model, calibration: torch.Tensor) -> list[int]:
+    """Token ids carrying robust massive residual activations after position 0 (Sun et al. criteria), most frequent first.
+
+    ``calibration``: ``[sequences, tokens]``. Robust: above the typical layer's
+    cutoff (``phenomena.beyond_typical``). Counted once per (sequence, position).
+    """
+    report = locate(model, calibration, LocateConfig(), progress=False)
+    robust = beyond_typical(report.massive.sites, [layer.cutoff for layer in report.layers])
+    carriers = {(site.sequence, site.position) for site in robust if site.position > 0}
+    frequencies = Counter(int(calibration[sequence, position]) for sequence, position in carriers)
+    return sorted(frequencies, key=lambda token: (-frequencies[token], token))
+
+
 def prepend_prefix(model, prefix_ids: list[int]) -> Callable[[], None]:
     """Compute the prefix's keys/values once, in full precision, and put them in front of every sequence."""
     captured = capture_key_values(model, torch.tensor([prefix_ids]))
@@ -129,9 +154,19 @@ def apply(loaded, params: dict, calibration: torch.Tensor | None) -> Callable[[]
         raise UserError("prefixkv bos=true: this tokenizer has no BOS token; use bos=false")
     outliers = outlier_positions(token_maxima(loaded.model, calibration), params["threshold"])
     prefix = choose_prefix_tokens(calibration, outliers, params["count"], bos)
+    from_down_proj = prefix[1 if bos is not None else 0 :]
+    from_residual = residual_sink_tokens(loaded.model, calibration) if params["residual"] else []
+    prefix += [token for token in from_residual if token not in prefix]
     if not prefix:
         raise UserError(
             f"prefixkv found no outlier token above threshold {params['threshold']} and bos=false: nothing to prefix; "
             "lower threshold or set bos=true"
         )
-    return prepend_prefix(loaded.model, prefix)
+    undo = prepend_prefix(loaded.model, prefix)
+    text = loaded.tokenizer.decode
+    undo.record = {
+        "prefix_ids": prefix, "prefix_tokens": [text([token]) for token in prefix],
+        "from_down_proj": [text([token]) for token in from_down_proj],
+        "from_residual": [text([token]) for token in from_residual],
+    }
+    return undo

@@ -30,15 +30,20 @@ def hooks_attached(hooks: Iterable[Hook]):
 def run_sequences(
     model: torch.nn.Module, sequences: torch.Tensor, hooks: Iterable[Hook] = (), description: str = "calibration",
     before_each: Callable[[int, torch.Tensor], None] | None = None, progress: bool = True,
+    forward: Callable[[torch.nn.Module, torch.Tensor], object] | None = None,
 ) -> None:
     """One forward pass per row of ``sequences`` ([n, seq_len] token ids) with ``hooks`` attached.
 
     A row alone is a batch of one, so no statistic a hook gathers sees padding or another sequence.
-    ``before_each(index, row)`` runs before each pass (a hook's per-sequence state). Shows a tqdm bar.
+    ``before_each(index, row)`` runs before each pass (a hook's per-sequence state); ``forward(model, ids)``
+    replaces the plain ``model(input_ids=ids)`` (e.g. to skip the output layer). Shows a tqdm bar.
     """
     device = next(model.parameters()).device
     with hooks_attached(hooks):
         for index, row in enumerate(tqdm(sequences, desc=description, unit="seq", leave=False, disable=not progress)):
             if before_each is not None:
                 before_each(index, row)
-            model(input_ids=row[None].to(device), use_cache=False)
+            if forward is None:
+                model(input_ids=row[None].to(device), use_cache=False)
+            else:
+                forward(model, row[None].to(device))

@@ -13,7 +13,7 @@ from massquant.backends import BACKENDS
 from massquant.config import MAX_SEED, MAX_SEQUENCES, MAX_SIZE
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT
 from massquant.data.text import BOS_POLICIES, DEFAULT_TEXT, TEXT_SOURCES
-from massquant.massive import CRITERIA, DETECTION_MODES, MASSIVE_POLICIES, MassiveCriteria
+from massquant.massive import CRITERIA, DEFAULT_TARGET, DETECTION_MODES, MASSIVE_POLICIES, TARGETS, MassiveCriteria
 from massquant.models.loading import ATTENTION_IMPLEMENTATIONS, DEFAULT_MODEL, DEVICES, DTYPES, MODEL_ALIASES
 from massquant.options.registry import Option, declare
 from massquant.quantizers.formats import FORMATS
@@ -76,6 +76,12 @@ MASSIVE = declare(
     Option("massive_detection", str, "calibrated", "find massive sites once on calibration data, or per forward", choices=DETECTION_MODES),
     Option("massive_threshold", float, MassiveCriteria.abs_threshold, "a massive value exceeds this magnitude", low=0),
     Option("massive_ratio", float, None, "... and this multiple of the criterion's median (default: 1000 x the layer's median |a| for sun, 64 x the median of the tokens' max |a| for prefixquant)", low=1),
+    Option(
+        "massive_target", str, [DEFAULT_TARGET],
+        f"which massive activations a policy or intervention acts on: {', '.join(TARGETS)} (first-layer: the first layer "
+        "with any, every channel massive there; dominant: the phenomenon with the largest value, at its first layer; "
+        "all: every phenomenon at its own first layer); several compare targets", many=True, metavar="TARGET",
+    ),
 )
 
 LOCATE = declare(

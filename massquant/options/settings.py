@@ -12,7 +12,7 @@ from massquant.data.calibration import CalibrationSettings
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig
 from massquant.evaluation.tasks import TaskSettings
-from massquant.massive import MassiveCriteria, MassivePolicy
+from massquant.massive import DEFAULT_TARGET, MassiveCriteria, MassivePolicy, check_target
 from massquant.mitigations import MitigationChoice, parse_mitigations
 from massquant.models.loading import ModelConfig
 from massquant.quantizers.spec import QuantSpec, parse_spec, spec_text_from_flags, with_granularity
@@ -74,9 +74,22 @@ def massive_criteria(values) -> MassiveCriteria:
     return MassiveCriteria.named("sun", values.massive_threshold, values.massive_ratio)
 
 
+def massive_targets(values) -> list[str]:
+    """The ``massive_target`` values, each checked (``check_target``) against the detection mode."""
+    targets = list(dict.fromkeys(values.massive_target or [DEFAULT_TARGET]))
+    for target in targets:
+        check_target(target, values.massive_detection)
+    return targets
+
+
 def massive_policies(values) -> list[MassivePolicy]:
+    """Every policy x target (``none`` once: it targets nothing)."""
     criteria = massive_criteria(values)
-    return [MassivePolicy(mode, values.massive_detection, criteria).validate() for mode in dict.fromkeys(values.massive or ["none"])]
+    targets = massive_targets(values)
+    return [
+        MassivePolicy(mode, values.massive_detection, criteria, target).validate()
+        for mode in dict.fromkeys(values.massive or ["none"]) for target in (targets if mode != "none" else [DEFAULT_TARGET])
+    ]
 
 
 def mitigation_variants(values) -> list[tuple[MitigationChoice, ...]]:

@@ -34,6 +34,7 @@ INTERVENE_COLUMNS = {
     "delta_ppl_text": "Δppl",
     "values_changed": "values changed",
     "where": "where",
+    "changed_tokens": "changed on (values)",
     "tokens": "tokens",
 }
 

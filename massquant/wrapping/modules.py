@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +70,7 @@ class ActivationQuantizer(RangeObserver):
         self.keep: KeepRule | None = None
         self.kept_values = 0
         self.inspected_values = 0
+        self.on_kept: Callable[[torch.Tensor], None] | None = None  # sees each evaluated forward's kept mask (records where)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         real = real_tokens(x.shape[0], x.shape[1]) if x.dim() >= 3 else None
@@ -77,6 +80,8 @@ class ActivationQuantizer(RangeObserver):
             return x
         if self.keep is not None:
             self.kept_values += 0 if kept is None else int(kept.sum())
+            if kept is not None and self.on_kept is not None:
+                self.on_kept(kept)
             self.inspected_values += x.numel() if real is None else int(real.sum()) * x.shape[-1]
         return quantize_activation(x, self.part, *self.static_range, keep=kept, real=real)
 
