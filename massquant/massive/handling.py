@@ -27,7 +27,7 @@ from massquant.errors import UserError
 from massquant.massive import MassiveCriteria, MassivePolicy
 from massquant.massive.intervene import (
     InterventionCounts, ResidualTarget, down_projection, first_layer_target, intervene_residual, mean_tables,
-    out_in_weight, set_super_weights,
+    set_super_weights,
 )
 from massquant.massive.locate import LocateConfig, locate
 from massquant.massive.sites import MassiveSites, SuperWeight
@@ -134,7 +134,7 @@ def _keep(
     undo_steps.append(
         set_super_weights(
             model, quantized_weights,
-            lambda weight, _: out_in_weight(down_projection(model, weight.layer).original[0])[weight.row, weight.col],
+            lambda weight, _: down_projection(model, weight.layer).original_weight()[weight.row, weight.col],
         )
     )
     record.update(

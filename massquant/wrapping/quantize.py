@@ -6,6 +6,7 @@ call. Weights are quantized once here, never per forward.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,7 @@ from massquant.quantizers.spec import QuantSpec, parse_spec
 from massquant.wrapping.attention import attach_kv_transform
 from massquant.wrapping.modules import KVQuantizer, QuantLinear, RangeObserver
 from massquant.wrapping.padding import attach_padding_mask
+from massquant.wrapping.sources import undo_sources
 
 # QuantLinear reads GPT-2's Conv1D weight transposed, so simulated quantization covers it too.
 QUANTIZABLE_TYPES = (nn.Linear, Conv1D)
@@ -53,7 +55,14 @@ class QuantizationHandle:
             "linears": len(self.linears),
             "kv_attention_modules": len(self.kv_quantizers),
             "static": any(not o.part.dynamic for o in self.observers()),
+            "undo_sources": self.undo_sources(),
         }
+
+    def undo_sources(self) -> dict[str, int]:
+        """How many quantized weights come back from each source on undo (``massquant.wrapping.sources``):
+        ``safetensors``, ``cpu_copy``, or ``separate`` (not overwritten: input-only, or a tied weight)."""
+        kinds = [linear.source.kind if linear.in_place else "separate" for linear in self.linears.values()]
+        return dict(sorted(Counter(kinds).items()))
 
     def observers(self) -> list[RangeObserver]:
         inputs = [q.input_quantizer for q in self.linears.values() if q.input_quantizer is not None]
@@ -61,18 +70,21 @@ class QuantizationHandle:
 
 
 def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None:
+    selected = select_linears(model, spec, QUANTIZABLE_TYPES)
+    sources = undo_sources(model, [name for name, _ in selected]) if spec.weights is not None else {}
     originals = []
-    for name, module in tqdm(select_linears(model, spec, QUANTIZABLE_TYPES), desc=f"quantizing {spec.name}", unit="linear", leave=False):
-        quantized = QuantLinear(module, spec.weights, spec.activations)
+
+    def restore() -> None:
+        for name, module in reversed(originals):
+            handle.linears[name].restore()
+            set_module(model, name, module)
+
+    handle._undo_steps.append(restore)  # before the loop: a failure part-way still restores what was changed
+    for name, module in tqdm(selected, desc=f"quantizing {spec.name}", unit="linear", leave=False):
+        quantized = QuantLinear(module, spec.weights, spec.activations, sources.get(name))
         set_module(model, name, quantized)
         handle.linears[name] = quantized
         originals.append((name, module))
-
-    def restore() -> None:
-        for name, module in originals:
-            set_module(model, name, module)
-
-    handle._undo_steps.append(restore)
 
 
 def _attach_kv_quantizers(model, spec: QuantSpec, handle: QuantizationHandle) -> None:
