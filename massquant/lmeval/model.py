@@ -21,6 +21,7 @@ from lm_eval.models.huggingface import HFLM
 from massquant.backends import get_backend
 from massquant.config import MAX_SEED, MAX_SEQUENCES, check_int, coerce, unknown_key_error
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
+from massquant.lmeval.parallel import check_identical_weights, gathered, join_processes
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES
 from massquant.massive import MassiveCriteria, MassivePolicy
@@ -291,6 +292,42 @@ class InvariantHFLM(HFLM):
             "prefix_token_id": prefix,
             "requests_per_forward": 1,
         }
+        self.requests_scored: dict[str, int] = {}
+        self.data_parallel = self._join_processes(model)
+
+    def _join_processes(self, model) -> dict | None:
+        """Under ``accelerate launch``: take this process's rank so lm-eval shards the requests (see
+        ``massquant.lmeval.parallel``), after checking every rank holds the same weights."""
+        accelerator = join_processes(cpu=model.device.type == "cpu")
+        if accelerator is None:
+            return None
+        self.accelerator = accelerator
+        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        hashes = check_identical_weights(model)
+        log.info("rank %d of %d: weights sha256 %s", self._rank, self._world_size, hashes[self._rank])
+        return {"processes": self._world_size, "weights_sha256_per_rank": hashes, "requests_per_rank": None}
+
+    def barrier(self) -> None:
+        """lm-eval's wait after each request type, on every rank; the ranks also share how many requests each scored."""
+        super().barrier()
+        if self.data_parallel is not None:
+            self.data_parallel["requests_per_rank"] = gathered(dict(self.requests_scored))
+
+    def _count(self, kind: str, requests) -> None:
+        self.requests_scored[kind] = self.requests_scored.get(kind, 0) + len(requests)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._count("loglikelihood", requests)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        self._count("generate_until", requests)
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def get_model_info(self) -> dict:
+        """HFLM's, plus, under data parallelism, each rank's weight hash and request counts."""
+        info = super().get_model_info()
+        return info if self.data_parallel is None else {**info, "data_parallel": self.data_parallel}
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """As HFLM's, except that a rolling request's text gets no BOS of its own: its windows start with
@@ -300,6 +337,7 @@ class InvariantHFLM(HFLM):
         return super().tok_encode(string, add_special_tokens=add_special_tokens, **kwargs)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._count("loglikelihood_rolling", requests)
         self._rolling = True
         try:
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
@@ -376,6 +414,7 @@ class MassquantLM(InvariantHFLM):
                 trust_remote_code=options["trust_remote_code"], attn_implementation=options["attn_implementation"],
             )
             config.validate()
+            join_processes(cpu=config.device == "cpu")  # launched: this rank's GPU becomes the current one before loading
             loaded = load_model(config)
         context_token(loaded.tokenizer, policy, model_args.get("prefix_token_id"))  # refused before any calibration
         prepends = bos_tokenizer(loaded.tokenizer, policy)[1]
