@@ -14,6 +14,7 @@ optional; a list key also takes a single value::
     massive: [none, keep]
     mitigations: [none, "smoothquant:alpha=0.8"]
     table: {rows: [massive], cols: spec, value: ppl}
+    resources: {num_cpus: 1, num_gpus: 0}   # what each worker asks Ray for (--executor ray)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from massquant.evaluation.tasks import TaskSettings
 from massquant.massive import MassiveCriteria
 from massquant.models.loading import DEFAULT_MODEL, ModelConfig
 from massquant.reporting.compare import PERPLEXITY_VALUES, View, check_layout_keys
+from massquant.recipes.ray_executor import CellResources
 from massquant.recipes.grid import (
     CalibrationSettings, Cell, massive_policies, mitigation_variants, parse_specs, variant_grid,
 )
@@ -68,6 +70,7 @@ class GridRecipe:
     bootstrap: int = 1000  # paired-bootstrap resamples per task Δ
     seed: int = 0
     table: View = field(default_factory=View)  # how 'massquant run' prints the grid
+    resources: CellResources = field(default_factory=CellResources)  # per worker under --executor ray
 
 
 def load_recipe(path: str | Path) -> GridRecipe:
@@ -90,6 +93,9 @@ def recipe_from_mapping(mapping, where: str, default_name: str = "recipe") -> Gr
         recipe.calibration = from_mapping(CalibrationSettings, mapping["calibration"], f"{where}: calibration")
     if "table" in mapping:
         recipe.table = from_mapping(View, mapping["table"], f"{where}: table")
+    if "resources" in mapping:
+        recipe.resources = from_mapping(CellResources, mapping["resources"], f"{where}: resources")
+    recipe.resources.validate(where)
     recipe.table.rows = [str(key) for key in recipe.table.rows]
     check_layout_keys(recipe.table.rows, recipe.table.cols, f"{where}: table: ")
     if recipe.table.value not in PERPLEXITY_VALUES and not recipe.tasks:  # task metrics are named by lm-eval
