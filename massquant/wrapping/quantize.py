@@ -71,6 +71,13 @@ class QuantizationHandle:
 
 def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None:
     selected = select_linears(model, spec, QUANTIZABLE_TYPES)
+    offloaded = [name for name, module in selected if module.weight.device.type == "meta"]
+    if offloaded:  # accelerate keeps them elsewhere and loads them per forward: quantizing the placeholder does nothing
+        raise UserError(
+            f"spec '{spec.name}': {len(offloaded)} selected layers have offloaded weights (e.g. {offloaded[0]}, on the meta "
+            "device under an accelerate device_map with CPU or disk offload); fake quantization needs them in memory: "
+            "give the model more device memory, or load it with --device cpu"
+        )
     sources = undo_sources(model, [name for name, _ in selected]) if spec.weights is not None else {}
     originals = []
 
@@ -82,6 +89,10 @@ def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None
     handle._undo_steps.append(restore)  # before the loop: a failure part-way still restores what was changed
     for name, module in tqdm(selected, desc=f"quantizing {spec.name}", unit="linear", leave=False):
         quantized = QuantLinear(module, spec.weights, spec.activations, sources.get(name))
+        if hasattr(module, "_hf_hook"):  # accelerate's device hook (a device_map) stays on the module in this place
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(quantized, module._hf_hook)
         set_module(model, name, quantized)
         handle.linears[name] = quantized
         originals.append((name, module))
