@@ -662,6 +662,87 @@ def fake_quant_memory_figures(model, probe_ids: Tensor) -> list[Figure]:
     return figures
 
 
+# ---- figure 8: loading the embedded model, first time (GGUF de-quantized) against cached
+
+
+def load_figure() -> Figure:
+    """Seconds of the embedded model's first load (de-quantized from its GGUF file, then cached) over a load
+    from that cache, in an empty cache directory of its own (``$MASSQUANT_CACHE_DIR``)."""
+    import tempfile
+
+    figure = Figure("8", f"{DEFAULT_MODEL} first load (GGUF de-quantized) / cached load, seconds", "x", None, ">=")
+    previous = os.environ.get("MASSQUANT_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="massquant-bench-cache-") as directory:
+        os.environ["MASSQUANT_CACHE_DIR"] = directory
+        try:
+            seconds = {}
+            for name in tqdm(("first", "cached"), desc="model loads", unit="load"):
+                seconds[name], loaded = seconds_of(lambda: load_model(model=DEFAULT_MODEL))
+                hit = loaded.extra.get("weights_cache_hit")
+                del loaded
+                gc.collect()
+                if hit != (name == "cached"):
+                    figure.unavailable = f"the {name} load {'missed' if hit is False else 'hit'} the cache"
+                    return figure
+        finally:
+            if previous is None:
+                del os.environ["MASSQUANT_CACHE_DIR"]
+            else:
+                os.environ["MASSQUANT_CACHE_DIR"] = previous
+    figure.value = seconds["first"] / seconds["cached"]
+    figure.note = f"first {seconds['first']:.1f} s, cached {seconds['cached']:.1f} s"
+    figure.details = {"seconds": seconds, "method": "load_model() twice into a new, empty cache directory; one run each"}
+    return figure
+
+
+# ---- figure 9: a recipe on a local Ray cluster against one process
+
+
+def ray_figure(sizes: Sizes) -> Figure:
+    """Wall time of a 4-cell recipe (fp, w8, w8a8, w4g16 on the embedded model) on a local 2-CPU Ray cluster
+    over the same recipe in this process; both compute every cell (empty run directories)."""
+    import tempfile
+
+    from massquant.recipes.execute import Executor, run_cells
+    from massquant.recipes.ray_executor import CellResources
+    from massquant.recipes.schema import expand, recipe_from_mapping
+
+    figure = Figure("9", "4-cell recipe wall time: Ray executor (local, 2 CPUs) / in-process", "x", None, "<=")
+    try:
+        import ray
+    except ImportError:
+        figure.unavailable = "Ray is not installed (pip install 'massquant[ray]')"
+        return figure
+    recipe = recipe_from_mapping(
+        {"kind": "grid", "models": [DEFAULT_MODEL], "seq_len": [sizes.window], "max_tokens": 2 * sizes.window,
+         "specs": ["w8", "w8a8", "w4g16"]},
+        "benchmark recipe",
+    )
+    cells = expand(recipe)
+    with tempfile.TemporaryDirectory(prefix="massquant-bench-ray-") as directory:
+        local_seconds, local = seconds_of(lambda: run_cells(cells, Path(directory) / "local", "bench"))
+        start_seconds, _ = seconds_of(lambda: ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False))
+        try:
+            executor = Executor("ray", None, CellResources(num_cpus=1))
+            ray_seconds, on_ray = seconds_of(lambda: run_cells(cells, Path(directory) / "ray", "bench", executor=executor))
+        finally:
+            ray.shutdown()
+    same = [record["row"].get("ppl") for record in local.records] == [record["row"].get("ppl") for record in on_ray.records]
+    figure.value = ray_seconds / local_seconds
+    figure.note = (
+        f"Ray {ray_seconds:.1f} s (+{start_seconds:.1f} s cluster start), in-process {local_seconds:.1f} s; "
+        f"perplexities {'identical' if same else 'DIFFER'}"
+    )
+    figure.details = {
+        "cells": len(cells), "ray_seconds": ray_seconds, "in_process_seconds": local_seconds,
+        "ray_cluster_start_seconds": start_seconds, "identical_perplexities": same,
+        "perplexities": [record["row"].get("ppl") for record in local.records],
+        "method": "run_cells on empty run directories: in this process, then on a local Ray cluster (ray.init(num_cpus=2), "
+        "start not counted) with one CPU per worker; each worker loads the model once",
+    }
+    return figure
+
+
 # ---- command
 
 
@@ -676,6 +757,8 @@ def run_benchmark(sizes: Sizes) -> tuple[dict, list[Figure]]:
     figures.append(gemm_figure(loaded.model, rounds, sizes.matmul_size))
     figures += memory_figures(loaded, input_ids[:, :16])
     figures += fake_quant_memory_figures(loaded.model, input_ids[:, :16])
+    figures.append(load_figure())
+    figures.append(ray_figure(sizes))
     figures.append(locate_time_figure(loaded.model, input_ids, sizes.repeats))
     figures.append(locate_memory_figure(loaded.model, leading_tokens(loaded.tokenizer, text, sizes.memory_tokens)))  # last: see there
     figures.sort(key=lambda figure: figure.key)
