@@ -21,9 +21,9 @@ from lm_eval.models.huggingface import HFLM
 from massquant.backends import get_backend
 from massquant.config import MAX_SEED, MAX_SEQUENCES, check_int, coerce, unknown_key_error
 from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
-from massquant.lmeval.parallel import check_identical_weights, gathered, join_processes
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import BOS_POLICIES
+from massquant.lmeval.parallel import check_identical_weights, gathered, join_processes
 from massquant.massive import MassiveCriteria, MassivePolicy
 from massquant.mitigations import get_mitigation, parse_mitigations
 from massquant.models.loading import DEFAULT_MODEL, LoadedModel, ModelConfig, load_model

@@ -24,6 +24,7 @@ from massquant.evaluation.tasks import TaskSuite
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.recipes.cache import CellCache
 from massquant.recipes.grid import CELL_FORMAT, Cell
+from massquant.recipes.ray_executor import CellResources
 from massquant.recipes.schema import NO_TEXT
 from massquant.reporting.compare import task_metrics
 from massquant.reporting.results import environment
@@ -41,7 +42,7 @@ class Executor:
 
     name: str = "local"
     address: str | None = None
-    resources: object = None  # ray_executor.CellResources
+    resources: CellResources = dataclasses.field(default_factory=CellResources)
 
 
 @dataclass
@@ -289,8 +290,13 @@ def run_cells(
                 on_record([records[k] for k in dict.fromkeys(keys) if k in records])
     finally:
         progress.close()
+    return _outcome(cells, keys, records, reasons, computed, reused, stale, write_error)
+
+
+def _outcome(cells, keys, records, reasons, computed, reused, stale, write_error) -> RunOutcome:
+    """The records in recipe order; a recipe where no cell could run (models checked only once loaded) is an error."""
     ordered = [records[key] for key in dict.fromkeys(keys)]
-    require_runnable([cell.variant for cell in cells], [reasons.get(key) for key in keys])  # models checked only once loaded
+    require_runnable([cell.variant for cell in cells], [reasons.get(key) for key in keys])
     return RunOutcome(
         ordered, computed=computed, reused=reused, stale=stale,
         not_applicable=sum(1 for key in set(keys) if reasons.get(key)), write_error=write_error,
@@ -316,9 +322,4 @@ def _run_on_ray(
             write_error = UserError(error)
         if on_record:
             on_record([records[k] for k in dict.fromkeys(keys) if k in records])
-    ordered = [records[key] for key in dict.fromkeys(keys)]
-    require_runnable([cell.variant for cell in cells], [reasons.get(key) for key in keys])
-    return RunOutcome(
-        ordered, computed=computed, reused=reused, stale=stale,
-        not_applicable=sum(1 for key in set(keys) if reasons.get(key)), write_error=write_error,
-    )
+    return _outcome(cells, keys, records, reasons, computed, reused, stale, write_error)
