@@ -32,7 +32,9 @@ demo: $(STAMP)
 		--out results/demo/eval
 	$(VENV)/bin/massquant report results/demo --out results/demo/report.html --title "massquant demo: SmolLM2-135M"
 
+# The layers contract (pyproject.toml, [tool.importlinter]) first: lower layers never import higher ones.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n 2 -q
 
 test-all: $(STAMP)

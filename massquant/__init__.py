@@ -24,6 +24,7 @@ from massquant.evaluation.perplexity import PerplexityConfig, build_windows, per
 from massquant.models.loading import ModelConfig, load_model
 from massquant.quantizers.spec import QuantSpec, TensorQuantSpec, parse_spec
 from massquant.wrapping.quantize import QuantizationHandle, quantize_
+import massquant.training.checkpoint  # noqa: F401,E402  (registers the reader that rebuilds trained checkpoints)
 
 __all__ = [
     "ModelConfig",

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from massquant.errors import UserError
-from massquant.models.loading import ModelConfig, _Resolved, resolve_reference
+from massquant.models import cache
+from massquant.models.loading import ModelConfig, _Resolved, checkpoint_model_class, resolve_reference
 from massquant.variants import Variant, check_variant_on_model, check_variant_settings
 
 NOT_APPLICABLE = "not applicable"
-_CONFIG_CACHE = "configs"  # directory next to the fingerprint cache
 
 
 @dataclass
@@ -44,24 +44,6 @@ class ModelFacts:
         return self.model.config
 
 
-def _config_cache_file(resolved: _Resolved) -> Path | None:
-    from massquant.fingerprints import CACHE_FILE, file_digest
-
-    if not resolved.gguf_file:
-        return None
-    return CACHE_FILE.parent / _CONFIG_CACHE / f"{file_digest(Path(resolved.path_or_id) / resolved.gguf_file)}.json"
-
-
-def remember_config(resolved: _Resolved, hf_config) -> None:
-    """Keep a GGUF model's config (read while loading it) so later runs check before loading. Best effort."""
-    from massquant.reporting.results import write_json_atomic
-
-    try:
-        write_json_atomic(_config_cache_file(resolved), hf_config.to_dict())
-    except (OSError, UserError, TypeError, ValueError):
-        pass
-
-
 def _read_config(resolved: _Resolved, trust_remote_code: bool):
     from transformers import AutoConfig
 
@@ -73,7 +55,7 @@ def _read_config(resolved: _Resolved, trust_remote_code: bool):
     if resolved.gguf_file:
         # transformers parses a GGUF's whole header (tokenizer included) to build a config: seconds per read.
         try:
-            mapping = json.loads(_config_cache_file(resolved).read_text(encoding="utf-8"))
+            mapping = json.loads(cache.config_file(Path(resolved.path_or_id) / resolved.gguf_file).read_text(encoding="utf-8"))
             return AutoConfig.for_model(**mapping)
         except Exception:
             return None
@@ -91,9 +73,7 @@ def model_facts(config: ModelConfig) -> ModelFacts | None:
     try:
         model_class = AutoModelForCausalLM
         if resolved.kind == "directory":
-            from massquant.training.checkpoint import recorded_model_class
-
-            model_class = recorded_model_class(resolved.path_or_id) or AutoModelForCausalLM
+            model_class = checkpoint_model_class(resolved.path_or_id) or AutoModelForCausalLM
         with torch.device("meta"):
             skeleton = (
                 model_class.from_config(hf_config, trust_remote_code=config.trust_remote_code)

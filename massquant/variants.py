@@ -135,3 +135,23 @@ def apply_variant(loaded, variant: Variant, calibration: torch.Tensor | None) ->
     if variant.mitigation:
         summary["mitigation"] = variant.mitigation_name
     return AppliedQuantization(applied.model, undo, summary)
+
+
+def variant_grid(specs: list, policies: list, mitigations: list[tuple]) -> list[Variant]:
+    """The baseline first, then every mitigation x massive policy x spec (mitigated rows unquantized too)."""
+    grid = [Variant()]
+    for mitigation in _unique(mitigations):
+        if mitigation:
+            grid.append(Variant(mitigation=mitigation))
+        for policy in policies:
+            grid.extend(Variant(spec, policy, mitigation) for spec in specs)
+    return _unique(grid)
+
+
+def _unique(items: list) -> list:
+    """First occurrences, by equality: mitigation parameters are dicts, so variants cannot be hashed."""
+    kept: list = []
+    for item in items:
+        if item not in kept:
+            kept.append(item)
+    return kept

@@ -189,7 +189,7 @@ def test_locate_and_attention_share_agree_with_transformers_on_every_architectur
     assert abs(report.layers[0].top[0].value) == pytest.approx(float(hidden_states[1].abs().max()), rel=1e-5)
 
     if not model._can_set_attn_implementation():  # Falcon: attention is chosen when the model is built
-        with pytest.raises(UserError, match="--attn eager"):
+        with pytest.raises(UserError, match="--attn-implementation eager"):
             attention_sink_share(model, input_ids, progress=False)
         model = tiny_model(name, attn_implementation="eager")
     implementation = model.config._attn_implementation

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from massquant.backends import Backend, get_backend
-from massquant.backends.selection import select_linears, set_module
+from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig, build_windows, perplexity
 from massquant.models.loading import load_model
@@ -64,13 +64,6 @@ def test_selection_skips_lm_head_and_applies_include_then_exclude(tiny):
     ]
     with pytest.raises(UserError, match="selects no linear layer"):
         select_linears(tiny.model, parse_spec("w8", include=("no_such_module",)))
-
-
-def test_set_module_replaces_by_dotted_name():
-    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
-    replacement = nn.Identity()
-    set_module(model, "0.0", replacement)
-    assert model[0][0] is replacement
 
 
 def test_missing_package_names_the_install_hint(tiny):

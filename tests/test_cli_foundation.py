@@ -43,7 +43,7 @@ def test_json_output_on_a_local_model(tiny_llama_dir, tiny_text_file, tmp_path):
         (["--seq-len", "0"], "positive integer"),
         (["--seq-len", "-5"], "positive integer"),
         (["--data", "/nonexistent/text.txt"], "unknown text"),
-        (["--bos", "maybe"], "invalid choice"),
+        (["--bos", "maybe"], "argument --bos: unknown value 'maybe'; accepted: auto, always, never"),
         (["--model", "no-such-org/no-such-model"], "cannot load model"),
         (["--out", "/proc/forbidden"], "not writable"),
         (["--frobnicate"], "unrecognized arguments"),

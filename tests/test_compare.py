@@ -137,7 +137,7 @@ def measured(tmp_path_factory):
     common = ["--model", model, "--data", str(text), "--seq-len", "32", "--max-tokens", "64"]
     assert main(["eval", *common, "--spec", "w8a8,kv4", "--out", str(root / "eval")]) == 0
     recipe = root / "grid.yaml"
-    recipe.write_text("kind: grid\nspecs: [w8a8, kv4]\ntable: {cols: spec, value: delta_ppl}\n")
+    recipe.write_text("kind: grid\nspec: [w8a8, kv4]\ntable: {cols: spec, value: delta_ppl}\n")
     assert main(["run", str(recipe), *common, "--out", str(root / "run")]) == 0
     return root
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from massquant.evaluation.perplexity import PerplexityConfig, build_windows, token_nll, window_nll
+from massquant.evaluation.perplexity import PerplexityConfig, build_windows, window_nll
+from massquant.models.loss import token_nll
 from massquant.evaluation.runner import evaluate_variant
 from massquant.massive import MassiveCriteria, MassivePolicy
 from massquant.quantizers.spec import parse_spec
@@ -191,7 +192,7 @@ def _requests(kind: str, arguments: list[tuple]):
 
 @pytest.mark.parametrize("policy", ["auto", "always", "never"])
 def test_lm_eval_requests_reach_the_model_with_exactly_the_tokens_the_policy_names(tiny32, policy):
-    from massquant.lmeval.model import InvariantHFLM
+    from massquant.lmeval.hflm import InvariantHFLM
 
     tokenizer = tiny32.tokenizer
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -223,7 +224,7 @@ def test_lm_eval_requests_reach_the_model_with_exactly_the_tokens_the_policy_nam
 
 def test_rolling_loglikelihood_equals_the_perplexity_windows_nll(tiny32):
     """The issue's report: a rolling request scored [BOS, BOS, text...] (-144.9 instead of -121.1)."""
-    from massquant.lmeval.model import InvariantHFLM
+    from massquant.lmeval.hflm import InvariantHFLM
 
     tokenizer = tiny32.tokenizer
     text = "Massive activations appear on the first token and on delimiter tokens."
@@ -240,7 +241,7 @@ def test_rolling_loglikelihood_equals_the_perplexity_windows_nll(tiny32):
 
 def test_bos_never_without_a_non_bos_context_token_is_refused(tiny32):
     from massquant.errors import UserError
-    from massquant.lmeval.model import context_token
+    from massquant.lmeval.hflm import context_token
 
     tokenizer = tiny32.tokenizer
     assert context_token(tokenizer, "never", None) == tokenizer.eos_token_id

@@ -111,7 +111,7 @@ def parsed_errors_arguments(*arguments):
 
 
 def test_command_in_process(tiny_llama_dir, tiny_text_file, tiny_model, capsys):
-    base = ["--model", tiny_llama_dir, "--data", tiny_text_file, "--seq-len", 32, "--samples", 2]
+    base = ["--model", tiny_llama_dir, "--data", tiny_text_file, "--seq-len", 32, "--n-seqs", 2]
     assert errors_command.run(parsed_errors_arguments(*base, "--spec", "w8a8", "--json")) == 0
     printed = json.loads(capsys.readouterr().out)
     linears = [name for name, module in tiny_model.named_modules() if isinstance(module, torch.nn.Linear) and name != "lm_head"]
@@ -125,7 +125,7 @@ def test_command_in_process(tiny_llama_dir, tiny_text_file, tiny_model, capsys):
 
 
 def test_command_as_a_user_runs_it(tiny_llama_dir, tiny_text_file):
-    base = ["errors", "--model", tiny_llama_dir, "--data", tiny_text_file, "--seq-len", 32, "--samples", 2]
+    base = ["errors", "--model", tiny_llama_dir, "--data", tiny_text_file, "--seq-len", 32, "--n-seqs", 2]
     completed = run_cli(*base, "--spec", "w8a8", "--json")
     assert completed.returncode == 0, completed.stderr
     rows = json.loads(completed.stdout)["rows"]

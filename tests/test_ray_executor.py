@@ -36,7 +36,7 @@ def cells(tiny_llama_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(TRAINING_TEXT)
     recipe = recipe_from_mapping(
-        {"kind": "grid", "models": [tiny_llama_dir], "data": [str(text)], "seq_len": [32], "max_tokens": 256, "specs": SPECS},
+        {"kind": "grid", "model": [tiny_llama_dir], "data": [str(text)], "seq_len": [32], "max_tokens": 256, "spec": SPECS},
         "test recipe",
     )
     return expand(recipe)

@@ -19,7 +19,7 @@ from massquant.massive import MassivePolicy
 from massquant.mitigations import MitigationChoice
 from massquant.quantizers.spec import parse_spec
 from massquant.recipes.execute import run_cells
-from massquant.recipes.grid import variant_grid
+from massquant.variants import variant_grid
 from massquant.recipes.schema import expand, load_recipe, recipe_from_mapping
 from massquant.variants import Variant
 from tests.conftest import TRAINING_TEXT, make_tiny_llama
@@ -61,8 +61,8 @@ def test_variant_grid_is_baseline_then_mitigation_by_policy_by_spec():
 
 
 def test_expand_multiplies_models_texts_and_windows(text_file):
-    recipe = grid_recipe(models=["a-model-dir", {"model": "b-model-dir", "dtype": "bfloat16"}], data=[text_file, "lee-news"],
-                         seq_len=[64, 128], specs=["w8a8,w8a8-tensor", "kv4"])
+    recipe = grid_recipe(model=["a-model-dir", {"model": "b-model-dir", "dtype": "bfloat16"}], data=[text_file, "lee-news"],
+                         seq_len=[64, 128], spec=["w8a8,w8a8-tensor", "kv4"])
     cells = expand(recipe)
     assert len(cells) == 2 * 2 * 2 * 4
     groups = [cells[i : i + 4] for i in range(0, len(cells), 4)]
@@ -74,28 +74,28 @@ def test_expand_multiplies_models_texts_and_windows(text_file):
 
 
 def test_cell_keys_follow_what_decides_the_numbers(text_file):
-    base = dict(data=text_file, seq_len=64, specs=["w8a8", "a8-static"])
+    base = dict(data=text_file, seq_len=64, spec=["w8a8", "a8-static"])
     keys = [cell.key for cell in expand(grid_recipe(**base))]
     assert len(set(keys)) == 3
     # batch sizes can change the last digits (padding, batched kernels): they are part of a cell's identity
     assert not set(cell.key for cell in expand(grid_recipe(**base, batch_size=4))) & set(keys)
     # the calibration text matters only to the statically calibrated spec
-    recalibrated = [cell.key for cell in expand(grid_recipe(**base, calibration={"data": text_file}))]
+    recalibrated = [cell.key for cell in expand(grid_recipe(**base, calib_data=text_file))]
     assert recalibrated[:2] == keys[:2] and recalibrated[2] != keys[2]
     # the window length decides every number
     assert not set(cell.key for cell in expand(grid_recipe(**{**base, "seq_len": 32}))) & set(keys)
 
 
 @pytest.mark.parametrize("text, message", [
-    ("kind: grid\nspec: [w8]\n", "unknown key 'spec' (did you mean 'specs'?); accepted: kind, name"),
-    ("kind: grid\nspecs: [w8\n", "is not valid YAML at line 3"),
-    ("specs: [w8]\n", "has no 'kind'; evaluation grids start with 'kind: grid'"),
+    ("kind: grid\nspecs: [w8]\n", "unknown key 'specs' (did you mean 'spec'?); accepted: model, dtype"),
+    ("kind: grid\nspec: [w8\n", "is not valid YAML at line 3"),
+    ("spec: [w8]\n", "has no 'kind'; evaluation grids start with 'kind: grid'"),
     ("kind: train\nsteps: 10\n", "has 'kind: train'"),
     ("kind: grid\ntable: {rows: [quant]}\n", "table: unknown row/column key 'quant'"),
     ("kind: grid\ntable: {value: perplexity}\n", "table: unknown value 'perplexity'"),
-    ("kind: grid\ncalibration: {sample: 4}\n", "calibration: unknown key 'sample' (did you mean 'samples'?)"),
-    ("kind: grid\nseq_len: [0]\n", "'seq_len' expects positive integers"),
-    ("kind: grid\nmodels: [{dtype: float32}]\n", "each entry of 'models' is a model reference or a mapping with a 'model' key"),
+    ("kind: grid\ncalib_sample: 4\n", "unknown key 'calib_sample' (did you mean 'calib_samples'?)"),
+    ("kind: grid\nseq_len: [0]\n", "seq_len: expected a positive integer"),
+    ("kind: grid\nmodel: [{dtype: float32}]\n", "each entry of 'model' is a model reference or a mapping with a 'model' key"),
     ("- a\n- b\n", "expected a mapping starting with 'kind: grid'; got list"),
 ])
 def test_recipe_errors_name_the_file_and_what_is_accepted(tmp_path, text, message):
@@ -109,9 +109,9 @@ def test_recipe_errors_name_the_file_and_what_is_accepted(tmp_path, text, messag
 
 def test_grid_errors_come_before_any_model_loads(tmp_path, capsys):
     for fields, message in [
-        ({"specs": ["w9"]}, "spec 'w9'"),
+        ({"spec": ["w9"]}, "spec 'w9'"),
         ({"data": "no-such-corpus"}, "unknown text 'no-such-corpus'"),
-        ({"massive": ["keepp"]}, "unknown massive policy 'keepp'"),
+        ({"massive": ["keepp"]}, "massive: unknown value 'keepp'; accepted: none, keep"),
         ({"data": "none"}, "nothing to measure"),
     ]:
         with pytest.raises(UserError, match=message):
@@ -122,10 +122,10 @@ def test_grid_errors_come_before_any_model_loads(tmp_path, capsys):
 
 
 def test_growing_a_grid_computes_only_the_new_cells(tmp_path, tiny_model, text_file):
-    small = expand(grid_recipe(models=[tiny_model], data=text_file, seq_len=32, max_tokens=64, specs=["w8a8"]))
+    small = expand(grid_recipe(model=[tiny_model], data=text_file, seq_len=32, max_tokens=64, spec=["w8a8"]))
     first = run_cells(small, tmp_path, "small")
     assert (first.computed, first.reused) == (2, 0)
-    grown = expand(grid_recipe(models=[tiny_model], data=text_file, seq_len=32, max_tokens=64, specs=["w8a8", "w4g32"]))
+    grown = expand(grid_recipe(model=[tiny_model], data=text_file, seq_len=32, max_tokens=64, spec=["w8a8", "w4g32"]))
     second = run_cells(grown, tmp_path, "grown")
     assert (second.computed, second.reused) == (1, 2)
     assert [r["row"]["ppl"] for r in second.records[:2]] == [r["row"]["ppl"] for r in first.records]
@@ -158,7 +158,7 @@ def _stop_after(process: subprocess.Popen, directory: Path, finished: int, sent:
 
 def test_shipped_recipe_killed_twice_resumes_to_the_uninterrupted_table(tmp_path, tiny_model, text_file, capsys):
     arguments = [str(SHIPPED), "--model", tiny_model, "--data", text_file, "--seq-len", "32", "--max-tokens", "40"]
-    total = len(yaml.safe_load(SHIPPED.read_text())["specs"]) + 1
+    total = len(yaml.safe_load(SHIPPED.read_text())["spec"]) + 1
 
     assert main(["run", *arguments, "--out", str(tmp_path / "straight")]) == 0
     reference = capsys.readouterr().out

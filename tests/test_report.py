@@ -35,19 +35,19 @@ def results(tiny_llama_dir, tiny_text_file, tmp_path_factory):
         ["eval", *model, *text, "--max-tokens", "128", "--spec", "w8a8,w2g32", "--massive", "none,keep", *tiny_massive,
          "--mitigation", "none,smoothquant", *calibration, "--tasks", "massquant_arc_easy", "--limit", "4", "--bootstrap", "200",
          "--out", root / "eval", "--json"],
-        ["errors", *model, "--data", tiny_text_file, "--samples", "2", "--seq-len", "32", "--spec", "w8a8-tensor", "--out", root / "errors", "--json"],
-        ["locate", *model, "--data", tiny_text_file, "--n-seqs", "2", "--seq-len", "24", "--threshold", "0.05", "--ratio", "3", "--out", root / "locate", "--json"],
+        ["errors", *model, "--data", tiny_text_file, "--n-seqs", "2", "--seq-len", "32", "--spec", "w8a8-tensor", "--out", root / "errors", "--json"],
+        ["locate", *model, "--data", tiny_text_file, "--n-seqs", "2", "--seq-len", "24", "--massive-threshold", "0.05", "--massive-ratio", "3", "--out", root / "locate", "--json"],
         ["intervene", *model, *text, "--max-tokens", "64", *tiny_massive, *calibration, "--out", root / "intervene", "--json"],
         ["compare", root / "eval", "--out", root / "compare"],
     ]
     recipe = root / "grid.yaml"
-    recipe.write_text("kind: grid\nspecs: [w8a8, w4g32]\ntable: {cols: spec, value: delta_ppl}\n")
+    recipe.write_text("kind: grid\nspec: [w8a8, w4g32]\ntable: {cols: spec, value: delta_ppl}\n")
     commands.append(["run", recipe, *model, *text, "--max-tokens", "64", "--out", root / "run", "--json"])
     training = root / "train.yaml"
     training.write_text(
         f"kind: train\nmodel: {tiny_llama_dir}\nmitigation: tvr:target=0.05,interval=2\n"
         f"train: {{data: {tiny_text_file}, seq_len: 32, batch_size: 2, steps: 4, lr: 1.0e-3}}\n"
-        f"eval: {{data: {tiny_text_file}, seq_len: 32, max_tokens: 64, specs: [w8a8-tensor], locate_sequences: 1}}\n"
+        f"eval: {{data: {tiny_text_file}, seq_len: 32, max_tokens: 64, spec: [w8a8-tensor], n_seqs: 1}}\n"
     )
     commands.append(["train", training, "--out", root / "train", "--json"])
     for command in commands:

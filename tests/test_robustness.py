@@ -55,7 +55,7 @@ CASES = [
     BadInput("mitigation parameter typo", [*EVAL, "--mitigation", "smoothquant:alfa=0.5"], "did you mean 'alpha'"),
     BadInput("mitigation parameter type", [*EVAL, "--mitigation", "smoothquant:alpha=high"], "expects a number"),
     BadInput("training-time mitigation in eval", [*EVAL, "--mitigation", "dyt"], "massquant train"),
-    BadInput("unsupported architecture", [*EVAL, "--attn", "eager", "--spec", "kv8"], "not supported"),
+    BadInput("unsupported architecture", [*EVAL, "--attn-implementation", "eager", "--spec", "kv8"], "not supported"),
     BadInput("empty text", ["eval", "--model", TINY, "--data", "empty.txt"], "empty", {"empty.txt": ""}),
     BadInput("too-short text", ["eval", "--model", TINY, "--data", "short.txt", "--seq-len", "64"], "fewer than one window", {"short.txt": "Too short."}),
     BadInput("unknown corpus", ["eval", "--model", TINY, "--data", "wikitext-9"], "wikitext-9"),
@@ -211,7 +211,7 @@ def test_ctrl_c_keeps_finished_rows_valid(tmp_path, tiny_text_file):
 # Kinds run in this process through the CLI's main() (the same one-line path as a subprocess, far cheaper):
 # checks that must come before any computation, content the user can create, numbers that overflow.
 LM_EVAL = ["lm-eval", "--model", "massquant", "--tasks", "massquant_arc_easy", "--limit", "1", "--model_args"]
-GRID = "kind: grid\nmodels: ['{tiny}']\ndata: '{text}'\nseq_len: 32\nmax_tokens: 64\n"
+GRID = "kind: grid\nmodel: ['{tiny}']\ndata: '{text}'\nseq_len: 32\nmax_tokens: 64\n"
 TRAIN = "model: '{tiny}'\nout: trained\ntrain: {{data: '{text}', seq_len: 16, batch_size: 1, steps: 1}}\neval: null\n"
 IN_PROCESS_CASES = [
     # checked against the model's shapes and architecture before its weights load (the weights file is garbage)
@@ -225,7 +225,7 @@ IN_PROCESS_CASES = [
     BadInput("locate: layer out of range", ["locate", "--model", "{broken_llama}", "--data", TEXT, "--layer", "7"], "does not exist"),
     BadInput("locate: unsupported architecture", ["locate", "--model", "{bloom}", "--data", TEXT, "--seq-len", "16"], "not supported"),
     BadInput("intervene: unsupported architecture", ["intervene", "--model", "{bloom}", "--data", TEXT, "--seq-len", "16"], "not supported"),
-    BadInput("train: eval spec no layer can take", ["train", "t.yaml"], "w8g1024", {"t.yaml": TRAIN.replace("eval: null", "eval: {{specs: [w8g1024]}}")}),
+    BadInput("train: eval spec no layer can take", ["train", "t.yaml"], "w8g1024", {"t.yaml": TRAIN.replace("eval: null", "eval: {{spec: [w8g1024]}}")}),
     BadInput("train: mitigation for another architecture", ["train", "t.yaml"], "tvr", {"t.yaml": TRAIN.replace("{tiny}", "{bloom}") + "mitigation: tvr\n"}),
     BadInput("lm-eval: spec no layer can take", [*LM_EVAL, "pretrained={broken_llama},spec=w8g1024"], "w8g1024"),
     # lm-eval model_args held to eval's standard, before lm-eval starts
@@ -234,18 +234,18 @@ IN_PROCESS_CASES = [
     BadInput("lm-eval: seed out of range", [*LM_EVAL, "pretrained={tiny},seed=-5"], "seed"),
     BadInput("lm-eval: negative max_length", [*LM_EVAL, "pretrained={tiny},max_length=-1"], "max_length"),
     # recipes as files a user can write
-    BadInput("recipe with no models", ["run", "r.yaml"], "'models' is empty", {"r.yaml": "kind: grid\nmodels: []\n"}),
+    BadInput("recipe with no models", ["run", "r.yaml"], "'model' is empty", {"r.yaml": "kind: grid\nmodel: []\n"}),
     BadInput("recipe not UTF-8", ["run", "r.yaml"], "not UTF-8", {"r.yaml": b"kind: grid\nname: \xff\xfe\n"}),
-    BadInput("recipe not YAML", ["run", "r.yaml"], "not valid YAML", {"r.yaml": "kind: grid\nspecs: [w8\n"}),
+    BadInput("recipe not YAML", ["run", "r.yaml"], "not valid YAML", {"r.yaml": "kind: grid\nspec: [w8\n"}),
     BadInput("recipe seq_len a float", ["run", "r.yaml"], "seq_len", {"r.yaml": "kind: grid\nseq_len: 5.5\n"}),
     BadInput("recipe batch size a string", ["run", "r.yaml"], "batch_size", {"r.yaml": "kind: grid\nbatch_size: 1e3\n"}),
     BadInput("recipe negative seed", ["run", "r.yaml"], "seed", {"r.yaml": GRID + "seed: -1\n"}),
-    BadInput("recipe zero calibration samples", ["run", "r.yaml"], "calibration samples", {"r.yaml": GRID + "calibration: {{samples: 0}}\n"}),
+    BadInput("recipe zero calibration samples", ["run", "r.yaml"], "calib_samples", {"r.yaml": GRID + "calib_samples: 0\n"}),
     BadInput("recipe model dtype", ["run", "r.yaml"], "unknown dtype", {"r.yaml": GRID.replace("['{tiny}']", "[{{model: '{tiny}', dtype: float64}}]")}),
     BadInput("train recipe not UTF-8", ["train", "t.yaml"], "not UTF-8", {"t.yaml": b"model: \xff\n"}),
     BadInput("train recipe negative size", ["train", "t.yaml"], "does not make a model", {"t.yaml": TRAIN + "from_scratch: {{hidden_size: -8}}\n"}),
     BadInput("train recipe zero steps", ["train", "t.yaml"], "train.steps", {"t.yaml": TRAIN.replace("steps: 1", "steps: 0")}),
-    BadInput("train recipe huge calibration", ["train", "t.yaml"], "calibration.samples", {"t.yaml": TRAIN + "calibration: {{samples: 100000000}}\n"}),
+    BadInput("train recipe huge calibration", ["train", "t.yaml"], "calib_samples", {"t.yaml": TRAIN + "calib_samples: 100000000\n"}),
     # saved results of another shape
     BadInput("compare: foreign JSON", ["compare", "x.json"], "not a result file", {"x.json": b'{"command": "run", "rows": {"a": 1}}'}),
     BadInput("compare: truncated JSON", ["compare", "x.json"], "cannot read results", {"x.json": b'{"command": "eval", "rows": [{"con'}),

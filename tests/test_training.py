@@ -298,7 +298,7 @@ def test_train_command_writes_checkpoint_results_and_table(tiny_llama_dir, tiny_
     recipe.write_text(
         f"kind: train\nmodel: {tiny_llama_dir}\nmitigation: tvr:target=0.05,interval=2+gated\n"
         f"train: {{data: {tiny_text_file}, seq_len: 32, batch_size: 2, steps: 4, lr: 1.0e-3}}\n"
-        f"eval: {{data: {tiny_text_file}, seq_len: 32, max_tokens: 128, specs: [w8a8-tensor], locate_sequences: 1}}\n"
+        f"eval: {{data: {tiny_text_file}, seq_len: 32, max_tokens: 128, spec: [w8a8-tensor], n_seqs: 1}}\n"
     )
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
     table = capsys.readouterr().out

@@ -82,7 +82,7 @@ def test_the_fake_backend_check_agrees_with_quantizing(tiny_llama_dir):
 
 def _recipe(tmp_path, model, text, extra: str = "") -> str:
     path = tmp_path / "grid.yaml"
-    path.write_text(f"kind: grid\nmodels: ['{model}']\ndata: '{text}'\nseq_len: 32\nmax_tokens: 64\nspecs: [w8]\n{extra}")
+    path.write_text(f"kind: grid\nmodel: ['{model}']\ndata: '{text}'\nseq_len: 32\nmax_tokens: 64\nspec: [w8]\n{extra}")
     return str(path)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from massquant.backends.selection import select_linears
+from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
 from massquant.models.architectures import decoder_layers
 from massquant.models.loading import load_model

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from massquant.backends import AppliedQuantization
-from massquant.backends.selection import select_linears, set_module
+from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
 
 SUPPORTED = "w8 (LLM.int8, per-channel, symmetric), w4 / wnf4 (nf4), wfp4 (fp4); 4-bit block sizes g32..g4096 (powers of 2)"
@@ -102,13 +102,13 @@ def apply(loaded, spec, calibration: torch.Tensor | None) -> AppliedQuantization
             else _four_bit_linear(linear, quant_type, block_size)
         )
         # Moving the still-float weight to a device is what quantizes it in bitsandbytes.
-        set_module(model, name, quantized.to(linear.weight.device))
+        model.set_submodule(name, quantized.to(linear.weight.device))
     # In training mode bnb takes a weight-only path that ignores the outlier threshold.
     model.eval()
 
     def undo() -> None:
         for name, linear in originals:
-            set_module(model, name, linear)
+            model.set_submodule(name, linear)
 
     return AppliedQuantization(
         model=model,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from massquant.backends import AppliedQuantization
-from massquant.backends.selection import select_linears
+from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
 from massquant.models.architectures import architecture_of, decoder_layers, get_path
 from massquant.quantizers.tensors import quantize_activation, quantize_kv, quantize_weight

@@ -17,7 +17,7 @@ from optimum.gptq.utils import get_block_name_with_pattern
 from transformers import AutoModelForCausalLM, GPTQConfig
 
 from massquant.backends import AppliedQuantization
-from massquant.backends.selection import check_group_divides, select_linears
+from massquant.wrapping.selection import check_group_divides, select_linears
 from massquant.errors import UserError
 
 SUPPORTED_BITS = (2, 3, 4, 8)

@@ -23,7 +23,7 @@ from torchao.quantization import (
 )
 
 from massquant.backends import AppliedQuantization
-from massquant.backends.selection import check_group_divides, select_linears
+from massquant.wrapping.selection import check_group_divides, select_linears
 from massquant.errors import UserError
 
 SUPPORTED = (

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from tqdm.auto import tqdm
 
 from massquant.backends import get_backend
-from massquant.backends.selection import select_linears
+from massquant.wrapping.selection import select_linears
 from massquant.cli.common import ArgumentParser, positive_int
 from massquant.data.text import DEFAULT_TEXT, load_text, text_fingerprint
 from massquant.errors import UserError
@@ -714,8 +714,8 @@ def ray_figure(sizes: Sizes) -> Figure:
         figure.unavailable = "Ray is not installed (pip install 'massquant[ray]')"
         return figure
     recipe = recipe_from_mapping(
-        {"kind": "grid", "models": [DEFAULT_MODEL], "seq_len": [sizes.window], "max_tokens": 2 * sizes.window,
-         "specs": ["w8", "w8a8", "w4g16"]},
+        {"kind": "grid", "model": [DEFAULT_MODEL], "seq_len": [sizes.window], "max_tokens": 2 * sizes.window,
+         "spec": ["w8", "w8a8", "w4g16"]},
         "benchmark recipe",
     )
     cells = expand(recipe)

@@ -3,14 +3,15 @@ and with the super weights zeroed, against the unchanged model."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
+from massquant import options
 from massquant.cli import common
-from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batch
+from massquant.options import settings
 from massquant.data.text import load_text
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import build_windows, perplexity
-from massquant.massive import DETECTION_MODES, MassiveCriteria
 from massquant.massive.handling import locate_sites, sites_summary
 from massquant.massive.intervene import (
     INTERVENTIONS, InterventionCounts, ResidualTarget, first_layer_target, intervene_residual, mean_tables,
@@ -20,39 +21,21 @@ from massquant.models.architectures import architecture_of
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.validation import model_facts
 from massquant.reporting.results import environment
+from massquant.reporting.columns import INTERVENE_COLUMNS
 from massquant.reporting.tables import format_delta, render
 
 NAME = "intervene"
 HELP = "perplexity with massive activations set to zero, to their mean or clipped, and with super weights zeroed"
 SUPER_WEIGHTS = "super-weights"
 CHOICES = (*INTERVENTIONS, SUPER_WEIGHTS)
-COLUMNS = {
-    "intervention": "intervention",
-    "ppl": "perplexity",
-    "delta_ppl_text": "Δppl",
-    "values_changed": "values changed",
-    "where": "where",
-    "tokens": "tokens",
-}
 
 
 def add_arguments(parser) -> None:
-    common.add_model_arguments(parser)
-    common.add_data_arguments(parser)
-    group = parser.add_argument_group("massive activations")
-    group.add_argument(
+    options.add_arguments(parser, "model", "text", "calibration", "massive", "run", skip=("n_seqs", "massive"))
+    parser.add_argument(
         "--interventions", default=",".join(CHOICES), metavar="LIST",
         help=f"comma-separated, from {', '.join(CHOICES)} (default: all); the unchanged model is always the first row",
     )
-    group.add_argument(
-        "--massive-detection", default="calibrated", choices=DETECTION_MODES,
-        help="first massive layer and its channels located once on calibration data, or in each forward (default: calibrated)",
-    )
-    group.add_argument("--massive-threshold", type=float, default=MassiveCriteria.abs_threshold, help="a massive value exceeds this magnitude (default: 100)")
-    group.add_argument("--massive-ratio", type=float, default=MassiveCriteria.median_ratio, help="... and this multiple of its tensor's median magnitude (default: 1000)")
-    group.add_argument("--calib-data", default=DEFAULT_CALIBRATION_TEXT, help=f"text that locates massive activations and measures their means (default: {DEFAULT_CALIBRATION_TEXT})")
-    group.add_argument("--calib-samples", type=common.sequence_count, default=16, help="calibration sequences (default: 16)")
-    group.add_argument("--calib-seq-len", type=common.positive_int, default=512, help="tokens per calibration sequence (default: 512)")
     common.add_output_arguments(parser)
 
 
@@ -67,11 +50,11 @@ def chosen_interventions(text: str) -> list[str]:
 def run(args) -> int:
     # Everything a user can get wrong is checked before the model loads.
     sink = common.ResultSink(args)
-    model_config, ppl_config = common.model_config(args), common.perplexity_config(args)
+    model_config, ppl_config = settings.model_config(args), settings.perplexity_config(args)
     ppl_config.validate()
     model_config.validate()
     interventions = chosen_interventions(args.interventions)
-    criteria = MassiveCriteria(args.massive_threshold, args.massive_ratio).validate()
+    criteria = settings.massive_criteria(args)
     common.seed_everything(args.seed)
     text = load_text(ppl_config.data)
     load_text(args.calib_data)  # a missing calibration text fails now, not after the model loads
@@ -82,10 +65,7 @@ def run(args) -> int:
     architecture_of(loaded.model)
     model = loaded.model
     windows = build_windows(loaded.tokenizer, text, ppl_config, max_sequence_length(model))
-    calibration = calibration_batch(
-        loaded.tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed,
-        bos=windows.bos_token_id is not None,
-    )
+    calibration = settings.calibration(args).batch(loaded.tokenizer, args.seed, bos=windows.bos_token_id is not None)
     sites = locate_sites(model, calibration, criteria)
     if not sites:
         raise UserError(
@@ -98,7 +78,7 @@ def run(args) -> int:
         "command": "intervene",
         "model": loaded.record(),
         "data": windows.record(ppl_config, text),
-        "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_len": args.calib_seq_len},
+        "calibration": dataclasses.asdict(settings.calibration(args)),
         "detection": args.massive_detection,
         "criteria": vars(criteria),
         "located": sites_summary(sites),
@@ -137,5 +117,5 @@ def run(args) -> int:
         else:
             print("massquant: no super weight located; the super-weights row is left out", file=sys.stderr)
     table_rows = [{**row, "delta_ppl_text": format_delta(row["delta_ppl"])} for row in rows]
-    sink.finish(payload, render(table_rows, COLUMNS, args.table_format))
+    sink.finish(payload, render(table_rows, INTERVENE_COLUMNS, args.table_format))
     return 0

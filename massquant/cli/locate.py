@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
+from massquant import options
 from massquant.cli import common
+from massquant.options import settings
 from massquant.errors import UserError
-from massquant.evaluation.perplexity import BOS_POLICIES, _bos_to_prepend
-from massquant.massive import CRITERIA, MassiveCriteria
+from massquant.evaluation.perplexity import _bos_to_prepend
+from massquant.massive import MassiveCriteria
 from massquant.massive.locate import LocateConfig, attention_probabilities_available, layer_output, locate, reference_name
 from massquant.massive.phenomena import describe_blind_spots, merge_runs
 from massquant.massive.plots import save_activations, write_plots
@@ -16,77 +18,21 @@ from massquant.models.architectures import decoder_layers
 from massquant.models.loading import load_model
 from massquant.validation import model_facts
 from massquant.reporting.results import environment
+from massquant.reporting.columns import BLIND_SPOT_COLUMNS, LAYER_COLUMNS, PHENOMENON_COLUMNS, SUPER_WEIGHT_COLUMNS, TOKEN_COLUMNS
 from massquant.reporting.tables import render
 
 NAME = "locate"
 HELP = "find massive activations and super weights: layers, channels, tokens, values; per-layer outlier statistics and plots"
 
 SHOWN_ROWS = 20  # of the phenomena, blind-spot and token tables; the JSON has every row
-PHENOMENON_COLUMNS = {
-    "name": "phenomenon",
-    "value": "max value",
-    "ratio": "x median",
-    "values": "values",
-    "carriers": "tokens",
-    "sequences": "sequences",
-}
-BLIND_SPOT_COLUMNS = {"layers": "layers", "kind": "blind spot", "text": "what the criterion misses or lets through"}
-LAYER_COLUMNS = {
-    "layer": "layer",
-    "top": "max |a|",
-    "where": "at (position token / channel)",
-    "median": "median |a|",
-    "cutoff": "cutoff",
-    "ratio": "x median",
-    "massive": "massive",
-    "kurtosis": "kurtosis",
-    "first_token_norm": "‖first token‖",
-    "token_norm": "‖other tokens‖",
-    "entropy": "entropy",
-    "down_proj_top": "down_proj max |x|",
-}
-SUPER_WEIGHT_COLUMNS = {
-    "layer": "layer",
-    "row": "row (out)",
-    "col": "col (in)",
-    "value": "weight",
-    "input_value": "input spike",
-    "output_value": "output spike",
-    "position": "position",
-    "contribution": "share of spike",
-}
-TOKEN_COLUMNS = {
-    "token_text": "token",
-    "token_id": "id",
-    "carriers": "carriers",
-    "occurrences": "occurrences",
-    "at_first_position": "at position 0",
-}
 
 
 def add_arguments(parser) -> None:
-    common.add_model_arguments(parser)
-    group = common.add_sampled_sequence_arguments(parser, "sequences", "--n-seqs", 8)
-    group.add_argument(
-        "--bos", default="auto", choices=BOS_POLICIES,
-        help="prepend BOS to each sequence: auto (when the tokenizer has one), always, never (default: auto)",
-    )
-    criteria = parser.add_argument_group("what counts as massive")
-    criteria.add_argument(
-        "--criterion", default="sun", metavar="|".join(CRITERIA),
-        help="; ".join(f"{name}: {text}" for name, text in CRITERIA.items()) + " (default: sun)",
-    )
-    criteria.add_argument("--threshold", type=float, default=MassiveCriteria.abs_threshold, help="|a| must exceed this (default: 100)")
-    criteria.add_argument(
-        "--ratio", type=float,
-        help="... and this multiple of the criterion's median: sun 1000 x the layer's median |a|, "
-        "prefixquant 64 x the median of the tokens' max |a| (defaults)",
-    )
-    criteria.add_argument("--k", type=int, help="values per layer and sequence of the top-k criterion (default: 4)")
-    criteria.add_argument("--top-k", type=common.positive_int, default=10, help="largest values kept per layer (default: 10)")
-    criteria.add_argument(
-        "--layer", type=int, metavar="N",
-        help="layer of the heat-map (default: the first massive layer, else the layer of the largest |a|)",
+    options.add_arguments(
+        parser, "model", "text", "massive", "locate", "run",
+        only=("model", "dtype", "device", "trust_remote_code", "attn_implementation", "data", "n_seqs", "seq_len", "bos",
+              "massive_threshold", "massive_ratio", "criterion", "k", "top_k", "layer", "seed"),
+        defaults={"seq_len": 512},
     )
     common.add_output_arguments(parser)
 
@@ -165,9 +111,9 @@ def tables(report, payload: dict, table_format: str) -> str:
 def run(args) -> int:
     # Everything a user can get wrong is checked before the model loads.
     sink = common.ResultSink(args)
-    model_config = common.model_config(args)
+    model_config = settings.model_config(args)
     model_config.validate()
-    criteria = MassiveCriteria.named(args.criterion, args.threshold, args.ratio, args.k)
+    criteria = MassiveCriteria.named(args.criterion, args.massive_threshold, args.massive_ratio, args.k)
     config = LocateConfig(criteria=criteria, top_k=args.top_k, entropy=True).validate()
     common.seed_everything(args.seed)
     facts = model_facts(model_config)  # the layers are known before the weights load
@@ -178,7 +124,7 @@ def run(args) -> int:
     plots = sink.directory is not None
     if plots and not attention_probabilities_available(loaded.model):
         print(f"massquant: {type(loaded.model).__name__} cannot switch to eager attention at run time; "
-              "no attention-sink plot (load it with --attn eager for one)", file=sys.stderr)
+              "no attention-sink plot (load it with --attn-implementation eager for one)", file=sys.stderr)
     config = replace(config, attention_sink=plots and attention_probabilities_available(loaded.model))
     check_layer(args.layer, loaded.model)
     bos = _bos_to_prepend(loaded.tokenizer, args.bos) is not None

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from massquant.mitigations import format_value, registry
 from massquant.reporting.results import to_json
+from massquant.reporting.columns import MITIGATION_COLUMNS
 from massquant.reporting.tables import TABLE_FORMATS, render
 
 NAME = "mitigations"
 HELP = "list the mitigations --mitigation accepts, with their parameters"
-COLUMNS = {"name": "name", "kind": "kind", "parameters": "parameters (defaults)", "architectures": "architectures", "description": "description"}
 
 
 def add_arguments(parser) -> None:
@@ -27,5 +27,5 @@ def run(args) -> int:
         }
         for entry in registry().values()
     ]
-    print(to_json(entries) if args.json else render(entries, COLUMNS, args.table_format))
+    print(to_json(entries) if args.json else render(entries, MITIGATION_COLUMNS, args.table_format))
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from massquant.cli import common
+from massquant import options
 from massquant.errors import UserError
 from massquant.recipes.execute import Executor, flat_row, run_cells
 from massquant.recipes.schema import expand, load_recipe, with_overrides
@@ -20,11 +20,8 @@ HELP = "run an evaluation recipe (recipes/*.yaml): every cell cached, an interru
 def add_arguments(parser) -> None:
     parser.add_argument("recipe", metavar="RECIPE", help="a recipe file with 'kind: grid' (see recipes/)")
     parser.add_argument("--out", metavar="DIR", help="run directory: cells/, results.json (default: results/<recipe name>)")
-    group = parser.add_argument_group("overrides (the same grid on another model or a smaller slice)")
-    group.add_argument("--model", action="append", default=[], help="replace the recipe's models (repeat for several)")
-    group.add_argument("--data", action="append", default=[], help="replace the recipe's texts (repeat for several)")
-    group.add_argument("--seq-len", type=common.positive_int, help="replace the recipe's window lengths")
-    group.add_argument("--max-tokens", type=common.positive_int, help="replace the recipe's token limit")
+    # Overrides: the same grid on other models or a smaller slice of text (repeat --model/--data/--seq-len for several).
+    options.add_arguments(parser, "model", "text", only=("model", "data", "seq_len", "max_tokens"), axes=True)
     parser.add_argument("--recompute", action="store_true", help="compute every cell again, ignoring cached ones")
     parser.add_argument(
         "--executor", choices=("local", "ray"), default="local",
@@ -40,7 +37,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     recipe_path = Path(args.recipe)
     recipe = load_recipe(recipe_path)
-    overrides = {"models": args.model, "data": args.data, "seq_len": args.seq_len, "max_tokens": args.max_tokens}
+    overrides = {"model": args.model, "data": args.data, "seq_len": args.seq_len, "max_tokens": args.max_tokens}
     recipe = with_overrides(recipe, **overrides)
     if args.address and args.executor != "ray":
         raise UserError("--address names a Ray cluster; it needs --executor ray")

@@ -7,19 +7,13 @@ from pathlib import Path
 
 from massquant.cli import common
 from massquant.reporting.results import ensure_writable_dir, to_json
-from massquant.reporting.tables import TABLE_FORMATS, format_cell, render
+from massquant.reporting.columns import TRAIN_COLUMNS, training_line
+from massquant.reporting.tables import TABLE_FORMATS, render
 from massquant.training.recipe import load_recipe
 from massquant.training.runner import RESULTS, TrainingRun
 
 NAME = "train"
 HELP = "fine-tune a model with training-time mitigations (tvr, dyt, gated, kvbias, ...) from a recipe; checkpoint and evaluate it"
-COLUMNS = {
-    "stage": "stage",
-    "config": "config",
-    "ppl": "perplexity",
-    "delta_ppl": "Δppl vs fp",
-    "max_abs": "max|a|",
-}
 
 
 def add_arguments(parser) -> None:
@@ -29,14 +23,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--table-format", default="github", choices=TABLE_FORMATS, help="tabulate format of the printed table (default: github)")
 
 
-def training_line(payload: dict) -> str:
-    """One line on what training did: steps, tokens, time, first and last loss, where the checkpoint is."""
-    training = payload["training"]
-    return (
-        f"{payload['mitigation']}: {len(training['history'])} steps of {training['tokens_per_step']} tokens in "
-        f"{training['seconds']:.0f} s, loss {format_cell(training['first_loss'])} -> {format_cell(training['final_loss'])}; "
-        f"checkpoint: {payload['checkpoint']}"
-    )
 
 
 def summary(payload: dict, table_format: str) -> str:
@@ -46,7 +32,7 @@ def summary(payload: dict, table_format: str) -> str:
     ]
     lines = [training_line(payload)]
     if rows:
-        lines += ["", render(rows, COLUMNS, table_format, signed=("delta_ppl",))]
+        lines += ["", render(rows, TRAIN_COLUMNS, table_format, signed=("delta_ppl",))]
     return "\n".join(lines)
 
 

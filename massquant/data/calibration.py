@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from massquant.data.text import load_text
 from massquant.errors import UserError
 
 DEFAULT_CALIBRATION_TEXT = "lee-news"  # a different corpus from the default evaluation text
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Sequences for static ranges, GPTQ, massive-site detection and mitigations that calibrate
+    (``calib_data``, ``calib_samples``, ``calib_seq_len`` on every surface)."""
+
+    data: str = DEFAULT_CALIBRATION_TEXT
+    samples: int = 16
+    seq_len: int = 512
+
+    def batch(self, tokenizer, seed: int = 0, bos: bool = True) -> torch.Tensor:
+        """``[samples, seq_len]`` token ids (see ``calibration_batch``)."""
+        return calibration_batch(tokenizer, self.data, self.samples, self.seq_len, seed, bos=bos)
 
 
 def calibration_batch(tokenizer, data: str, samples: int, seq_len: int, seed: int = 0, bos: bool = True) -> torch.Tensor:

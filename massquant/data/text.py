@@ -18,6 +18,9 @@ from typing import Callable
 from massquant.errors import UserError
 from massquant.models.cache import cache_home
 
+# Whether a sequence starts with BOS: auto (when the tokenizer has one), always, never.
+BOS_POLICIES = ("auto", "always", "never")
+
 
 @dataclass(frozen=True)
 class TextSource:

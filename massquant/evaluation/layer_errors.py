@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from massquant.backends.selection import select_linears
+from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
 from massquant.quantizers.functional import energy_ratio_db, sqnr_db
 from massquant.quantizers.spec import QuantSpec

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from massquant.errors import UserError
-from massquant.evaluation.perplexity import BOS_POLICIES
+from massquant.data.text import BOS_POLICIES
 
 OFFLINE_PREFIX = "massquant_"
 # How lm-eval aggregates per-question values into a task score; a Δ gets an
@@ -42,7 +42,7 @@ class TaskSettings:
     num_fewshot: int | None = None  # None: each task's default
     batch_size: int = 1
     bos: str = "auto"
-    resamples: int = 1000  # paired bootstrap resamples per Δ
+    bootstrap: int = 1000  # paired bootstrap resamples per Δ
     confidence: float = 0.95
     seed: int = 0
 
@@ -57,8 +57,8 @@ class TaskSettings:
             raise UserError(f"task batch size must be a positive integer; got {self.batch_size}")
         if self.bos not in BOS_POLICIES:
             raise UserError(f"unknown BOS policy '{self.bos}'; accepted: {', '.join(BOS_POLICIES)}")
-        if self.resamples < 100:
-            raise UserError(f"bootstrap resamples must be at least 100; got {self.resamples}")
+        if self.bootstrap < 100:
+            raise UserError(f"bootstrap resamples must be at least 100; got {self.bootstrap}")
         if not 0 < self.confidence < 1:
             raise UserError(f"confidence must be between 0 and 1; got {self.confidence}")
         return self
@@ -99,7 +99,7 @@ def _looks_offline(error: BaseException) -> bool:
 @functools.cache
 def task_index():
     """lm-eval's task index with massquant's tasks: built once per process (it reads every task YAML)."""
-    from massquant.lmeval import task_manager
+    from massquant.lmeval.data import task_manager
 
     with _quiet_lm_eval():
         return task_manager()
@@ -128,7 +128,7 @@ class TaskSuite:
         Afterwards ``tokens`` says which BOS and context token ids the requests carried."""
         import lm_eval
 
-        from massquant.lmeval.model import InvariantHFLM
+        from massquant.lmeval.hflm import InvariantHFLM
 
         with _quiet_lm_eval():
             lm = InvariantHFLM(model, tokenizer, self.settings.bos, batch_size=self.settings.batch_size)
@@ -282,7 +282,7 @@ def task_deltas(entries: dict, baseline: dict, settings: TaskSettings) -> dict[s
             else:
                 aggregation, paired = "mean", _pooled(entries, baseline, name, metric)
             if paired is not None and len(paired[0]):
-                low, high = paired_bootstrap(*paired, aggregation, settings.resamples, settings.confidence, settings.seed)
+                low, high = paired_bootstrap(*paired, aggregation, settings.bootstrap, settings.confidence, settings.seed)
                 record.update(ci_low=low, ci_high=high, significant=bool(low > 0 or high < 0))
             deltas.setdefault(name, {})[metric] = record
     return deltas

@@ -18,16 +18,8 @@ package imported first and massquant's task directory on the include path.
 
 from __future__ import annotations
 
-from massquant.lmeval.data import TASK_DIRECTORY
-from massquant.lmeval.model import MassquantLM, weights_left_as_they_are
-
-
-def task_manager(include_path: str | list[str] | None = None):
-    """lm-eval's TaskManager with massquant's offline tasks (``massquant_*``) next to lm-eval's own."""
-    from lm_eval.tasks import TaskManager
-
-    extra = [include_path] if isinstance(include_path, str) else list(include_path or [])
-    return TaskManager(include_path=[str(TASK_DIRECTORY), *extra])
-
+from massquant.lmeval.data import TASK_DIRECTORY, task_manager
+from massquant.lmeval.hflm import weights_left_as_they_are
+from massquant.lmeval.model import MassquantLM
 
 __all__ = ["MassquantLM", "TASK_DIRECTORY", "task_manager", "weights_left_as_they_are"]

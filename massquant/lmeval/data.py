@@ -68,3 +68,11 @@ def lambada_openai(**_task_metadata):
         requests = [json.loads(line)["request"] for line in lines]
     texts = [request["context"] + request["continuation"] for request in requests]
     return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts})})
+
+
+def task_manager(include_path: str | list[str] | None = None):
+    """lm-eval's TaskManager with massquant's offline tasks (``massquant_*``) next to lm-eval's own."""
+    from lm_eval.tasks import TaskManager
+
+    extra = [include_path] if isinstance(include_path, str) else list(include_path or [])
+    return TaskManager(include_path=[str(TASK_DIRECTORY), *extra])

@@ -609,7 +609,7 @@ def attention_sink_share(model, input_ids: Tensor, progress: bool = True) -> lis
     if not attention_probabilities_available(model):
         raise UserError(
             f"{type(model).__name__} cannot switch to eager attention at run time; "
-            "load it with --attn eager to measure attention on the first token"
+            "load it with --attn-implementation eager to measure attention on the first token"
         )
     input_ids = _as_batch(input_ids)
     attention_path = architecture_of(model).attention

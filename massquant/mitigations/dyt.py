@@ -156,11 +156,6 @@ def check_params(params: dict) -> None:
         raise UserError(f"mitigation 'dyt' needs alpha > 0 and fit_tokens >= 1; got alpha={params['alpha']}, fit_tokens={params['fit_tokens']}")
 
 
-def _set_path(root: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent, _, name = dotted.rpartition(".")
-    setattr(get_path(root, parent), name, module)
-
-
 @torch.no_grad()
 def surgery(model, params: dict, calibration: torch.Tensor | None = None) -> dict:
     """Replace the norms; fitted from ``calibration`` when given and ``fit`` is on. Returns the fit summary."""
@@ -175,7 +170,7 @@ def surgery(model, params: dict, calibration: torch.Tensor | None = None) -> dic
         new = DynamicTanh(hidden_size, alpha, dtype=like.dtype, device=like.device)
         new.weight.copy_(affine[path][0])
         new.bias.copy_(affine[path][1])
-        _set_path(model, path, new)
+        model.set_submodule(path, new)
     if not fitted:
         return {"initialised": "alpha parameter, the norms' gain and shift"}
     return {

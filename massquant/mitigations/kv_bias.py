@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from massquant.errors import UserError
-from massquant.evaluation.perplexity import token_nll
+from massquant.models.loss import token_nll
 from massquant.mitigations import Mitigation
 from massquant.wrapping.attention import (
     PREPEND_STAGE,

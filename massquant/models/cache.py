@@ -146,3 +146,21 @@ def store(model, tokenizer, source_sha256: str, dtype: str) -> Path | None:
     finally:
         if temporary is not None and temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def config_file(gguf_path: Path) -> Path:
+    """Where a GGUF model's config is kept once read, so later runs check configurations before loading."""
+    from massquant.fingerprints import CACHE_FILE, file_digest
+
+    return CACHE_FILE.parent / "configs" / f"{file_digest(gguf_path)}.json"
+
+
+def remember_config(gguf_path: Path, hf_config) -> None:
+    """Keep a GGUF model's config (read while loading it) for ``config_file``. Best effort."""
+    from massquant.errors import UserError
+    from massquant.reporting.results import write_json_atomic
+
+    try:
+        write_json_atomic(config_file(gguf_path), hf_config.to_dict())
+    except (OSError, UserError, TypeError, ValueError):
+        pass

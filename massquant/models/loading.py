@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -85,6 +86,21 @@ MODEL_ALIASES: dict[str, EmbeddedModel] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+
+# Readers that name the class rebuilding a checkpoint directory stock transformers cannot (a `massquant train`
+# checkpoint's mitigation modules): each takes the directory and returns a class or None. massquant.training
+# registers its reader when the package is imported.
+CHECKPOINT_CLASS_READERS: list[Callable[[str], type | None]] = []
+
+
+def checkpoint_model_class(directory: str) -> type | None:
+    """The class that rebuilds ``directory``'s model (the first reader that recognises it), else None."""
+    for reader in CHECKPOINT_CLASS_READERS:
+        found = reader(directory)
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass
@@ -204,9 +220,7 @@ def load_model(config: ModelConfig | str | None = None, **overrides) -> LoadedMo
     tokenizer, model = _open(opened, config)
     if resolved.gguf_file:
         _clear_gguf_markers(model)
-        from massquant.validation import remember_config
-
-        remember_config(resolved, model.config)  # the next run checks its configurations before loading
+        cache.remember_config(Path(resolved.path_or_id) / resolved.gguf_file, model.config)  # the next run checks its configurations before loading
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -238,9 +252,7 @@ def _open(resolved: _Resolved, config: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(resolved.path_or_id, **common)
         model_class = AutoModelForCausalLM
         if resolved.kind == "directory":  # a `massquant train` checkpoint rebuilds its mitigations' modules first
-            from massquant.training.checkpoint import recorded_model_class
-
-            model_class = recorded_model_class(resolved.path_or_id) or AutoModelForCausalLM
+            model_class = checkpoint_model_class(resolved.path_or_id) or AutoModelForCausalLM
         model = model_class.from_pretrained(
             resolved.path_or_id,
             dtype=DTYPES[config.dtype],

@@ -1,12 +1,12 @@
 """Number formats and pure fake-quantization functions."""
 
-from massquant.quantizers.formats import FORMATS, NumberFormat, get_format, validate
+from massquant.quantizers.formats import FORMATS, NumberFormat, get_format, register_format, validate
+from massquant.quantizers.formats.fp4 import round_to_e2m1
 from massquant.quantizers.functional import (
     GRANULARITIES,
     compute_amax,
     compute_amin,
     fake_quantize,
-    round_to_e2m1,
     search_clip_ratio,
     sqnr_db,
 )
@@ -19,6 +19,7 @@ __all__ = [
     "compute_amin",
     "fake_quantize",
     "get_format",
+    "register_format",
     "round_to_e2m1",
     "search_clip_ratio",
     "sqnr_db",

@@ -20,18 +20,12 @@ from massquant.quantizers.formats import NumberFormat, validate
 
 GRANULARITIES = ("tensor", "row", "group")
 
-E2M1_MAX = 6.0
-E2M1_EMAX = 2  # exponent of the largest E2M1 binade: 6 = 1.5 * 2**2
-E8M0_EXPONENT_LIMIT = 127
-E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
-
-
 def _block_length(x: Tensor, fmt: NumberFormat, granularity: str, group_size: int | None) -> int:
     """How many consecutive elements of the flattened ``x`` share one scale."""
     if granularity not in GRANULARITIES:
         raise UserError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
     width = x.shape[-1] if x.dim() else 1
-    if fmt.kind == "micro":
+    if fmt.layout == "micro":
         size = fmt.default_group_size if group_size is None else group_size
         if size <= 0 or width % size:
             raise UserError(f"{fmt.name} group size {size} must be positive and divide the last dimension ({width})")
@@ -52,7 +46,7 @@ def _pad_ragged_groups(x: Tensor, fmt: NumberFormat, granularity: str, group_siz
 
     Micro formats keep their hardware block size, which must divide the width.
     """
-    if fmt.kind == "micro" or granularity != "group" or not group_size or group_size <= 0 or x.dim() == 0:
+    if fmt.layout == "micro" or granularity != "group" or not group_size or group_size <= 0 or x.dim() == 0:
         return x
     missing = -x.shape[-1] % group_size
     return torch.nn.functional.pad(x, (0, missing)) if missing and group_size <= x.shape[-1] else x
@@ -85,7 +79,7 @@ def _block_stats(blocks: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
 
 def _stat_shape(stat: Tensor, fmt: NumberFormat, granularity: str) -> Tensor:
     """Per-tensor statistics come back as scalars, all others as ``[n_blocks, 1]``."""
-    return stat.reshape(()) if fmt.kind != "micro" and granularity == "tensor" else stat
+    return stat.reshape(()) if fmt.layout != "micro" and granularity == "tensor" else stat
 
 
 def compute_amax(
@@ -118,77 +112,16 @@ def compute_amin(
     return _stat_shape(amin, spec, granularity)
 
 
-def _safe_divide(blocks: Tensor, scale: Tensor) -> Tensor:
-    """``blocks / scale`` where a zero scale (all-zero or fully clipped block) divides by 1 instead of NaN."""
-    return blocks / torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
-def _quantize_int(blocks: Tensor, bits: int, symmetric: bool, amax: Tensor, amin: Tensor) -> Tensor:
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = amax / qmax
-        # one fresh tensor, then in place: every full-size temporary of a wide activation is a new
-        # allocation that page-faults, which made per-token W8A8 visibly slower than fp32
-        return _safe_divide(blocks, scale).round_().clamp_(-(qmax + 1), qmax).mul_(scale)
-    levels = 2**bits - 1
-    # The range must contain 0 so that zero (padding, ReLU outputs) is exact.
-    low = torch.clamp(amin, max=0.0)
-    high = torch.clamp(amax, min=0.0)
-    scale = (high - low) / levels
-    zero_point = torch.round(_safe_divide(-low, scale))
-    q = torch.clamp(torch.round(_safe_divide(blocks, scale)) + zero_point, 0, levels)
-    return (q - zero_point) * scale
-
-
-def _quantize_float8(blocks: Tensor, dtype: torch.dtype, amax: Tensor) -> Tensor:
-    format_max = torch.finfo(dtype).max
-    scale = amax / format_max
-    # Saturate first: out-of-range casts give NaN (e4m3fn) or inf (e5m2).
-    scaled = torch.clamp(_safe_divide(blocks, scale), -format_max, format_max)
-    return scaled.to(dtype).float() * scale
-
-
-def round_to_e2m1(x: Tensor) -> Tensor:
-    """Nearest FP4 E2M1 value (±{0, 0.5, 1, 1.5, 2, 3, 4, 6}), ties to even mantissa, saturating at ±6."""
-    magnitude = x.abs()
-    # Grid spacing is 0.5 below 2, 1 in [2, 4) and 2 from 4 on; rounding in units of
-    # the spacing with round-half-to-even matches E2M1's ties-to-even encoding.
-    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
-    rounded = torch.clamp(torch.round(magnitude / step) * step, max=E2M1_MAX)
-    return torch.copysign(rounded, x)
-
-
-def _quantize_mxfp4(blocks: Tensor, amax: Tensor) -> Tensor:
-    # frexp gives amax = mantissa * 2**exponent with mantissa in [0.5, 1), so floor(log2(amax))
-    # is exponent - 1 exactly, with no log2 rounding near powers of two.
-    _, exponent = torch.frexp(amax)
-    shared_exponent = torch.clamp(exponent - 1 - E2M1_EMAX, -E8M0_EXPONENT_LIMIT, E8M0_EXPONENT_LIMIT)
-    scale = torch.where(amax > 0, torch.exp2(shared_exponent.float()), torch.zeros_like(amax))
-    return round_to_e2m1(_safe_divide(blocks, scale)) * scale
-
-
-def _quantize_nvfp4(blocks: Tensor, amax: Tensor) -> Tensor:
-    # The fp32 per-tensor scale maps the largest block scale onto E4M3's maximum.
-    global_scale = amax.max() / (E2M1_MAX * E4M3_MAX)
-    block_scale = torch.clamp(_safe_divide(amax / E2M1_MAX, global_scale), max=E4M3_MAX)
-    scale = block_scale.to(torch.float8_e4m3fn).float() * global_scale
-    return round_to_e2m1(_safe_divide(blocks, scale)) * scale
-
-
 def _quantize_blocks(
     blocks: Tensor, fmt: NumberFormat, bits: int, symmetric: bool, amax: Tensor, amin: Tensor
 ) -> Tensor:
-    if fmt.kind == "int":
-        return _quantize_int(blocks, bits, symmetric, amax, amin)
-    if fmt.kind == "float":
-        return _quantize_float8(blocks, fmt.torch_dtype, amax)
-    if fmt.name == "mxfp4":
-        return _quantize_mxfp4(blocks, amax)
-    return _quantize_nvfp4(blocks, amax)
+    if fmt.quantize is None:
+        raise UserError(f"{fmt.name} has no fake quantization; it runs on --backend {fmt.backend}")
+    return fmt.quantize(blocks, bits, symmetric, amax, amin)
 
 
 def _check_symmetry(fmt: NumberFormat, symmetric: bool) -> None:
-    if not symmetric and fmt.kind != "int":
+    if not symmetric and not fmt.asymmetric:
         raise UserError(f"asymmetric quantization is only available for fmt='int'; got fmt={fmt.name!r}")
 
 

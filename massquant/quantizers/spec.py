@@ -5,11 +5,13 @@ A spec names what is quantized and how, e.g. ``w4g128``, ``w8a8``,
 
     spec    := part+
     part    := ("w" | "a" | "kv") format ["g" GROUP] ("-" modifier)*
-    format  := BITS (2..8, integer) | fp8 | fp8e4m3 | fp8e5m2 | mxfp4 | nvfp4 | nf4 | fp4
+    format  := BITS (2..8, integer) | a registered spelling: fp8 | fp8e4m3 | fp8e5m2 | mxfp4 | nvfp4 | nf4 | fp4 | ...
     modifier:= tensor | channel | token | head | group | sym | asym
              | dynamic | static | minmax | pNN.N (percentile) | mse (weight clip search)
 
-``nf4``/``fp4`` are bitsandbytes' 4-bit weight formats (``--backend bnb``).
+Format tokens come from the registry (``quantizers/formats``): a format registered
+there is a spec token everywhere. ``nf4``/``fp4`` are bitsandbytes' 4-bit weight
+formats (``--backend bnb``).
 The CLI flags, recipes and lm-eval ``model_args`` all end up in ``QuantSpec``.
 """
 
@@ -19,29 +21,28 @@ import re
 from dataclasses import dataclass, replace
 
 from massquant.errors import UserError
-from massquant.quantizers.formats import FORMATS, validate
+from massquant.quantizers.formats import format_named, get_format, spellings, validate
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
 ACTIVATION_GRANULARITIES = ("tensor", "token")
 KV_GRANULARITIES = ("tensor", "token", "head", "group")
 GRANULARITIES_BY_TARGET = {"w": WEIGHT_GRANULARITIES, "a": ACTIVATION_GRANULARITIES, "kv": KV_GRANULARITIES}
-BACKEND_ONLY_FORMATS = {"nf4": "normal-float 4-bit (bitsandbytes)", "fp4": "float 4-bit (bitsandbytes)"}
 DEFAULT_4BIT_GROUP = 128
 _PART_FIELDS = {"w": "weights", "a": "activations", "kv": "kv_cache"}
-_FORMAT_ALIASES = {"fp8": "fp8_e4m3", "fp8e4m3": "fp8_e4m3", "fp8e5m2": "fp8_e5m2", "e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2"}
-_PART = re.compile(
-    r"(?P<target>kv|w|a)"
-    r"(?P<format>\d+|fp8e4m3|fp8e5m2|fp8|mxfp4|nvfp4|nf4|fp4)"
-    r"(?:g(?P<group>\d+))?"
-    r"(?P<modifiers>(?:-(?:tensor|channel|token|head|group|sym|asym|dynamic|static|minmax|mse|p\d+(?:\.\d+)?))*)"
-)
+_MODIFIERS = r"(?P<modifiers>(?:-(?:tensor|channel|token|head|group|sym|asym|dynamic|static|minmax|mse|p\d+(?:\.\d+)?))*)"
+
+
+def _part_pattern() -> re.Pattern:
+    """One part of a spec; the format tokens are read from the registry, so a registered format parses."""
+    tokens = "|".join(re.escape(token) for token in spellings() if not token.isdigit())
+    return re.compile(rf"(?P<target>kv|w|a)(?P<format>\d+|{tokens})(?:g(?P<group>\d+))?{_MODIFIERS}")
 
 
 @dataclass(frozen=True)
 class TensorQuantSpec:
     """How one kind of tensor (weights, activations or KV cache) is quantized."""
 
-    format: str = "int"  # a key of quantizers.formats.FORMATS, or nf4/fp4 for bitsandbytes
+    format: str = "int"  # a registered format's name (quantizers/formats)
     bits: int = 8
     granularity: str = "channel"
     group_size: int | None = None
@@ -52,9 +53,9 @@ class TensorQuantSpec:
 
     def label(self, target: str) -> str:
         """Canonical spec text of this part, e.g. ``w4g128`` or ``a8-token``."""
-        body = {"int": str(self.bits), "fp8_e4m3": "fp8", "fp8_e5m2": "fp8e5m2"}.get(self.format, self.format)
-        text = f"{target}{body}"
-        if self.group_size and self.format in ("int", "fp8_e4m3", "fp8_e5m2"):
+        fmt = get_format(self.format)
+        text = f"{target}{self.bits if self.format == 'int' else fmt.label}"
+        if self.group_size and fmt.layout == "scaled" and fmt.quantize is not None:
             text += f"g{self.group_size}"
         default = default_part(target, self.format, self.bits)
         if self.granularity != default.granularity and not self.group_size:
@@ -112,13 +113,11 @@ def default_part(target: str, fmt: str, bits: int) -> TensorQuantSpec:
 def _format_and_bits(token: str, target: str, spec_text: str) -> tuple[str, int]:
     if token.isdigit():
         fmt, bits = "int", int(token)
-    elif token in BACKEND_ONLY_FORMATS:
-        if target != "w":
-            raise UserError(f"spec '{spec_text}': {token} is a weight-only bitsandbytes format")
-        return token, 4
     else:
-        fmt = _FORMAT_ALIASES.get(token, token)
-        bits = 4 if fmt in ("mxfp4", "nvfp4") else 8
+        entry = format_named(token)
+        if entry.weight_only and target != "w":
+            raise UserError(f"spec '{spec_text}': {token} is a weight-only format (runs on --backend {entry.backend})")
+        fmt, bits = entry.name, entry.default_bits
     try:
         validate(fmt, bits)
     except UserError as error:
@@ -158,12 +157,11 @@ def _apply_modifiers(part: TensorQuantSpec, modifiers: list[str], target: str, s
 
 def validate_part(part: TensorQuantSpec, target: str, context: str) -> TensorQuantSpec:
     """Checks shared by the spec parser and the explicit flags."""
-    if part.format not in BACKEND_ONLY_FORMATS:
-        try:
-            validate(part.format, part.bits)
-        except UserError as error:
-            raise UserError(f"{context}: {error}") from None
-    if not part.symmetric and part.format != "int":
+    try:
+        fmt = validate(part.format, part.bits)
+    except UserError as error:
+        raise UserError(f"{context}: {error}") from None
+    if not part.symmetric and not fmt.asymmetric:
         raise UserError(f"{context}: asymmetric quantization is only available for integer formats")
     if part.granularity == "group" and not part.group_size:
         raise UserError(f"{context}: group granularity needs a group size (e.g. g128)")
@@ -201,13 +199,14 @@ def parse_spec(text: str, **settings) -> QuantSpec:
     if spec_text in ("", "fp", "none", "fp32", "bf16", "fp16"):
         return QuantSpec(**settings)
     parts: dict[str, TensorQuantSpec] = {}
+    pattern = _part_pattern()
     position = 0
     while position < len(spec_text):
-        match = _PART.match(spec_text, position)
+        match = pattern.match(spec_text, position)
         if not match:
             raise UserError(
                 f"cannot parse spec '{text}' at '{spec_text[position:]}'; expected parts like w4g128, a8-token, "
-                f"kv8, wfp8, amxfp4 (formats: 2..8 bits, {', '.join(sorted(set(_FORMAT_ALIASES) | set(FORMATS) - {'int'}))}, nf4, fp4)"
+                f"kv8, wfp8, amxfp4 (formats: 2..8 bits, {', '.join(sorted(token for token in spellings() if token != 'int'))})"
             )
         target = match["target"]
         if target in parts:
@@ -237,21 +236,18 @@ def spec_text_from_flags(
     ``fmt`` applies to the weights and activations; ``bits`` alone means weights
     only. Writing the flags as a spec keeps one parser and one set of checks.
     """
-    fmt = _FORMAT_ALIASES.get(fmt, fmt)
-    if fmt not in ("int", *FORMATS, *BACKEND_ONLY_FORMATS):
-        raise UserError(f"unknown format '{fmt}'; accepted: {', '.join([*FORMATS, *BACKEND_ONLY_FORMATS])}")
+    entry = format_named(fmt)
 
     def body(width: int | None) -> str:
-        if fmt == "int":
+        if entry.name == "int":
             return str(width or 8)
-        natural = 4 if fmt in ("mxfp4", "nvfp4", *BACKEND_ONLY_FORMATS) else 8
-        if width not in (None, natural):
-            raise UserError(f"format {fmt} is {natural}-bit only; got --bits/--act-bits {width}")
-        return fmt.replace("_", "")
+        if width not in (None, *entry.bits):
+            raise UserError(f"format {fmt} is {entry.default_bits}-bit only; got --bits/--act-bits {width}")
+        return entry.label
 
     suffix = "" if symmetric else "-asym"
     text = ""
-    if bits is not None or fmt != "int":
+    if bits is not None or entry.name != "int":
         text += f"w{body(bits)}" + (f"g{group_size}" if group_size else "") + suffix
     elif group_size:
         raise UserError("--group-size needs --bits (weight quantization)")

@@ -1,7 +1,6 @@
-"""The evaluated grid: specs x massive policies x mitigations, shared by ``massquant eval`` and recipes.
+"""A recipe's cell: one model, one text with its windows, one variant (``options.settings.variants``).
 
-A recipe multiplies that grid by models, texts and window lengths into cells;
-each cell is identified by a hash of everything that decides its numbers, so a
+Each cell is identified by a hash of everything that decides its numbers, so a
 finished cell is found again whatever order or recipe asked for it.
 """
 
@@ -12,67 +11,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from massquant.backends import get_backend
-from massquant.data.calibration import DEFAULT_CALIBRATION_TEXT
+from massquant.data.calibration import CalibrationSettings
 from massquant.evaluation.perplexity import PerplexityConfig
 from massquant.evaluation.tasks import TaskSettings
-from massquant.massive import MassiveCriteria, MassivePolicy
-from massquant.mitigations import MitigationChoice, parse_mitigations
 from massquant.models.loading import ModelConfig
-from massquant.quantizers.spec import QuantSpec, parse_spec
 from massquant.variants import Variant
 
 # Bumped when a cell's meaning changes, so older cached cells are not mistaken for new ones.
 # 2: batch sizes and the inputs' content fingerprints are part of the identity.
 CELL_FORMAT = 2
-
-
-def parse_specs(texts: list[str], backends: list[str], **settings) -> list[QuantSpec]:
-    """Every spec on every backend; full-precision entries are dropped (the baseline is always there)."""
-    for backend in backends:
-        get_backend(backend)
-    specs = [parse_spec(text, backend=backend, **settings) for text in texts for backend in backends]
-    return [spec for spec in specs if not spec.is_identity]
-
-
-def massive_policies(modes: list[str], detection: str, criteria: MassiveCriteria) -> list[MassivePolicy]:
-    return [MassivePolicy(mode, detection, criteria).validate() for mode in dict.fromkeys(modes or ["none"])]
-
-
-def mitigation_variants(texts: list[str]) -> list[tuple[MitigationChoice, ...]]:
-    """Each text in the registry syntax may name several variants; ``()`` is no mitigation."""
-    return [tuple(variant) for text in texts for variant in parse_mitigations(text)] or [()]
-
-
-def variant_grid(
-    specs: list[QuantSpec], policies: list[MassivePolicy], mitigations: list[tuple[MitigationChoice, ...]]
-) -> list[Variant]:
-    """The baseline first, then every mitigation x massive policy x spec (mitigated rows unquantized too)."""
-    grid = [Variant()]
-    for mitigation in _unique(mitigations):
-        if mitigation:
-            grid.append(Variant(mitigation=mitigation))
-        for policy in policies:
-            grid.extend(Variant(spec, policy, mitigation) for spec in specs)
-    return _unique(grid)
-
-
-def _unique(items: list) -> list:
-    """First occurrences, by equality: mitigation parameters are dicts, so variants cannot be hashed."""
-    kept: list = []
-    for item in items:
-        if item not in kept:
-            kept.append(item)
-    return kept
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Sequences for static ranges, GPTQ, massive-site detection and mitigations that calibrate."""
-
-    data: str = DEFAULT_CALIBRATION_TEXT
-    samples: int = 16
-    seq_len: int = 512
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import jinja2
 
-from massquant.cli import errors as errors_command, intervene as intervene_command, locate as locate_command
-from massquant.cli import train as train_command
 from massquant.errors import UserError
 from massquant.massive.plots import load_activations, locate_figures
+from massquant.reporting.columns import (
+    ERRORS_COLUMNS, INTERVENE_COLUMNS, PHENOMENON_COLUMNS, SUPER_WEIGHT_COLUMNS, training_line, worst_rows,
+)
 from massquant.reporting.charts import delta_bars, interval_chart, sqnr_chart, training_curves
 from massquant.reporting.compare import add_deltas, distinct_measurements, is_baseline, resolve_view, rows_of
 from massquant.reporting.figures import png_data_uri, scaled_colour
@@ -253,7 +254,7 @@ def tasks_block(rows: list[dict], confidence: float | None) -> Block | None:
 
 def training_block(payload: dict) -> Block:
     training = payload["training"]
-    notes = [train_command.training_line(payload)]
+    notes = [training_line(payload)]
     stages = [{"stage": stage, **summary} for stage, summary in (payload.get("massive") or {}).items()]
     columns = {"stage": "stage", "max_abs": "max |a|", "max_abs_layer": "at layer", "mean_kurtosis": "mean kurtosis", "massive_values": "massive values"}
     tables = [_table("outliers of the unquantized model at each stage", columns, stages)] if stages else []
@@ -273,10 +274,10 @@ def rows_section(payload: dict, source: Path) -> list[Block]:
 
 def errors_section(payload: dict, source: Path) -> list[Block]:
     rows = payload["rows"]
-    worst = errors_command.worst_rows(rows, SHOWN_LAYERS)
+    worst = worst_rows(rows, SHOWN_LAYERS)
     return [Block(
         "errors", f"Per-layer quantization error ({payload['spec']})",
-        tables=[_table(f"the {len(worst)} layers with the largest relative output error ‖Yq − Y‖/‖Y‖ (of {len(rows)})", errors_command.COLUMNS, worst)],
+        tables=[_table(f"the {len(worst)} layers with the largest relative output error ‖Yq − Y‖/‖Y‖ (of {len(rows)})", ERRORS_COLUMNS, worst)],
         figures=[_figure("weight and activation SQNR per layer and projection", sqnr_chart(rows, payload["spec"]))],
     )]
 
@@ -309,8 +310,8 @@ def locate_section(payload: dict, source: Path) -> list[Block]:
     ]
     phenomena = payload.get("phenomena", [])[:SHOWN_GROUPS]
     weights = payload["massive"]["super_weights"]
-    tables = [_table("massive activations as phenomena (the largest)", locate_command.PHENOMENON_COLUMNS, phenomena)] if phenomena else []
-    tables += [_table("super weights (down_proj weight[row, col])", locate_command.SUPER_WEIGHT_COLUMNS, weights)] if weights else []
+    tables = [_table("massive activations as phenomena (the largest)", PHENOMENON_COLUMNS, phenomena)] if phenomena else []
+    tables += [_table("super weights (down_proj weight[row, col])", SUPER_WEIGHT_COLUMNS, weights)] if weights else []
     return [Block("locate", "Massive activations", notes=notes, tables=tables, figures=figures)]
 
 
@@ -320,7 +321,7 @@ def intervene_section(payload: dict, source: Path) -> list[Block]:
     return [Block(
         "intervene", "Interventions on massive activations",
         notes=[f"Detection: {payload['detection']}; located on the calibration text: {payload['located']['sites']} sites, first layer {payload['located']['first_layer']}."],
-        tables=[_table("perplexity with the massive activations changed", intervene_command.COLUMNS, rows)],
+        tables=[_table("perplexity with the massive activations changed", INTERVENE_COLUMNS, rows)],
         figures=[_figure("Δ perplexity per intervention", figure)],
     )]
 

@@ -18,6 +18,7 @@ import json
 from functools import cache
 from pathlib import Path
 
+from massquant.models.loading import CHECKPOINT_CLASS_READERS
 from massquant.training.surgery import RECORD_KEY, reapply_recorded_surgery
 
 REMOTE_MODULE = "modeling_massquant"
@@ -61,6 +62,9 @@ def recorded_model_class(directory: str | Path) -> type | None:
 
     config = AutoConfig.from_pretrained(directory)
     return model_class_with_surgery(AutoModelForCausalLM._model_mapping[type(config)])
+
+
+CHECKPOINT_CLASS_READERS.append(recorded_model_class)  # load_model(DIR) rebuilds trained checkpoints
 
 
 def save_checkpoint(model, tokenizer, directory: str | Path) -> Path:

@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from massquant.errors import UserError
-from massquant.evaluation.perplexity import PerplexityConfig, build_windows, token_nll
+from massquant.evaluation.perplexity import PerplexityConfig, build_windows
+from massquant.models.loss import token_nll
 from massquant.mitigations import MitigationChoice, get_mitigation
 from massquant.training.recipe import TrainSettings
 

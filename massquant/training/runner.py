@@ -36,17 +36,17 @@ RESULTS = "results.json"
 
 
 def _read_for_scratch(recipe, auto_class, what: str):
-    """``auto_class.from_pretrained`` on ``recipe.model``'s reference (a GGUF file too); a failure is one line."""
-    resolved = resolve_reference(recipe.model)
+    """``auto_class.from_pretrained`` on ``recipe.model.model``'s reference (a GGUF file too); a failure is one line."""
+    resolved = resolve_reference(recipe.model.model)
     source = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     try:
         return auto_class.from_pretrained(resolved.path_or_id, **source)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot read the {what} of '{recipe.model}' for from_scratch: {str(error).splitlines()[0]}") from error
+        raise UserError(f"cannot read the {what} of '{recipe.model.model}' for from_scratch: {str(error).splitlines()[0]}") from error
 
 
 def scratch_config(recipe: TrainRecipe):
-    """``recipe.model``'s config with the ``from_scratch`` overrides, checked by building the model on the
+    """``recipe.model.model``'s config with the ``from_scratch`` overrides, checked by building the model on the
     meta device (no memory, no weights): a size transformers cannot build is refused before anything runs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -63,7 +63,7 @@ def scratch_config(recipe: TrainRecipe):
     overrides = ", ".join(f"{key}={value!r}" for key, value in recipe.from_scratch.items())
     try:
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, attn_implementation=recipe.attn)
+            skeleton = AutoModelForCausalLM.from_config(config, attn_implementation=recipe.model.attn_implementation)
     except Exception as error:  # transformers reports bad sizes as many exception types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"recipe from_scratch ({overrides}) does not make a model: {first}") from None
@@ -74,20 +74,20 @@ def scratch_config(recipe: TrainRecipe):
 
 
 def build_from_scratch(recipe: TrainRecipe) -> LoadedModel:
-    """A randomly initialised model: ``recipe.model``'s architecture and tokenizer, its config overridden."""
+    """A randomly initialised model: ``recipe.model.model``'s architecture and tokenizer, its config overridden."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config, _ = scratch_config(recipe)
     tokenizer = _read_for_scratch(recipe, AutoTokenizer, "tokenizer")
     torch.manual_seed(recipe.train.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe.dtype], attn_implementation=recipe.attn)
-    if recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available()):
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe.model.dtype], attn_implementation=recipe.model.attn_implementation)
+    if recipe.model.device == "cuda" or (recipe.model.device == "auto" and torch.cuda.is_available()):
         model.to("cuda")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(
-        model=model.eval(), tokenizer=tokenizer, config=recipe.model_config,
-        source=f"{recipe.model} (from scratch)", fingerprint=f"scratch:seed={recipe.train.seed}",
+        model=model.eval(), tokenizer=tokenizer, config=recipe.model,
+        source=f"{recipe.model.model} (from scratch)", fingerprint=f"scratch:seed={recipe.train.seed}",
     )
 
 
@@ -98,7 +98,7 @@ class TrainingRun:
         self.recipe = recipe
         self.out = out
         self.choices = training_choices(recipe.mitigation)
-        self.specs = [parse_spec(text.strip()) for item in (recipe.eval.specs if recipe.eval else []) for text in item.split(",") if text.strip()]
+        self.specs = [parse_spec(text) for text in (recipe.eval.spec if recipe.eval else [])]
         self.payload = {
             "command": "train",
             "recipe": asdict(recipe),
@@ -113,7 +113,7 @@ class TrainingRun:
         evaluation specs against the model's shapes (from its config, or the from_scratch skeleton)."""
         from massquant.validation import ModelFacts, model_facts
 
-        facts = ModelFacts(scratch_config(self.recipe)[1]) if self.recipe.from_scratch is not None else model_facts(self.recipe.model_config)
+        facts = ModelFacts(scratch_config(self.recipe)[1]) if self.recipe.from_scratch is not None else model_facts(self.recipe.model)
         if facts is None:
             return  # checked on the loaded model in run(), before any forward
         self._check_on(facts)
@@ -129,7 +129,7 @@ class TrainingRun:
                 raise UserError(f"mitigation '{variant_label(self.choices)}': {error}") from None
         for reason in not_applicable(target, [Variant(spec) for spec in self.specs]):
             if reason:
-                raise UserError(f"recipe eval.specs: {reason}")
+                raise UserError(f"recipe eval.spec: {reason}")
 
     def save(self) -> None:
         write_json_atomic(self.out / RESULTS, self.payload)
@@ -139,7 +139,7 @@ class TrainingRun:
     def evaluate(self, stage: str, loaded: LoadedModel, windows, calibration, specs) -> None:
         """Perplexity of the unquantized model and each spec; the mitigation is in the model from ``surgery`` on."""
         settings = self.recipe.eval
-        located = settings.locate_sequences if settings.locate else 0
+        located = settings.n_seqs if settings.locate else 0
         rows = [evaluate_variant(loaded, Variant(spec), windows, calibration, settings.batch_size, outlier_windows=located) for spec in [None, *specs]]
         for row in rows:
             row.update(stage=stage, mitigation=self.payload["mitigation"] if stage != "before" else "none")
@@ -158,8 +158,8 @@ class TrainingRun:
     def run(self) -> dict:
         recipe, started = self.recipe, time.perf_counter()
         torch.manual_seed(recipe.train.seed)
-        loaded = build_from_scratch(recipe) if recipe.from_scratch is not None else load_model(recipe.model_config)
-        self.payload["model"] = {"reference": recipe.model, "source": loaded.source, "fingerprint": loaded.fingerprint}
+        loaded = build_from_scratch(recipe) if recipe.from_scratch is not None else load_model(recipe.model)
+        self.payload["model"] = {"reference": recipe.model.model, "source": loaded.source, "fingerprint": loaded.fingerprint}
         self._check_on(loaded)
         tokenizer, model_max = loaded.tokenizer, max_sequence_length(loaded.model)
 
@@ -208,7 +208,7 @@ class TrainingRun:
         if windows is not None:
             del loaded
             gc.collect()
-            reloaded = load_model(recipe.model_config, model=str(checkpoints))
+            reloaded = load_model(recipe.model, model=str(checkpoints))
             self.evaluate("after", reloaded, windows, calibration, self.specs)
         self.payload["seconds"] = time.perf_counter() - started
         self.save()

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from massquant.backends.selection import select_linears, set_module
+from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
 from massquant.models.architectures import architecture_of, decoder_layers, get_path
 from massquant.quantizers.spec import QuantSpec, parse_spec
@@ -84,7 +84,7 @@ def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None
     def restore() -> None:
         for name, module in reversed(originals):
             handle.linears[name].restore()
-            set_module(model, name, module)
+            model.set_submodule(name, module)
 
     handle._undo_steps.append(restore)  # before the loop: a failure part-way still restores what was changed
     for name, module in tqdm(selected, desc=f"quantizing {spec.name}", unit="linear", leave=False):
@@ -93,7 +93,7 @@ def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None
             from accelerate.hooks import add_hook_to_module
 
             add_hook_to_module(quantized, module._hf_hook)
-        set_module(model, name, quantized)
+        model.set_submodule(name, quantized)
         handle.linears[name] = quantized
         originals.append((name, module))
 

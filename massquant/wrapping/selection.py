@@ -1,4 +1,4 @@
-"""Which linear layers a spec quantizes, and how to swap one module for another by name."""
+"""Which linear layers a spec quantizes (fake quantization and every real backend)."""
 
 from __future__ import annotations
 
@@ -43,13 +43,6 @@ def select_linears(model: nn.Module, spec, types: tuple[type, ...] = (nn.Linear,
             "include/exclude are regexes searched in module names such as 'model.layers.0.mlp.up_proj'"
         )
     return selected
-
-
-def set_module(model: nn.Module, dotted_name: str, new_module: nn.Module) -> None:
-    """Replace the submodule at ``dotted_name`` (e.g. ``model.layers.0.mlp.up_proj``)."""
-    parent_name, _, child_name = dotted_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, new_module)
 
 
 def check_group_divides(spec, selected: list[tuple[str, nn.Linear]], group_size: int | None, hint: str) -> None:
