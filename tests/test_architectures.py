@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from massquant.errors import UserError
-from massquant.massive.intervene import out_in_weight
+from massquant.models.architectures import weight_out_in
 from massquant.massive.locate import LocateConfig, attention_sink_share, locate
 from massquant.models.architectures import ARCHITECTURES, architecture_of, decoder_layers, get_path
 
@@ -152,7 +152,7 @@ def assert_paths_carry_what_their_names_say(model, input_ids: torch.Tensor) -> N
         down = get_path(layer, architecture.down_proj)
         assert isinstance(down, (nn.Linear, Conv1D))
         down_in = seen_in[f"{index}.down_proj"].shape[-1]
-        assert out_in_weight(down).shape == (hidden_size, down_in)
+        assert weight_out_in(down).shape == (hidden_size, down_in)
         assert seen_out[f"{index}.{architecture.up_proj[-1]}"].shape[-1] in (down_in, 2 * down_in)  # fused gate_up: twice
         if architecture.mlp:
             torch.testing.assert_close(seen_out[f"{index}.mlp"], seen_out[f"{index}.down_proj"])
@@ -175,7 +175,7 @@ def test_gpt2_down_projection_is_a_transposed_conv1d():
     down = get_path(decoder_layers(model)[0], architecture_of(model).down_proj)
     assert isinstance(down, Conv1D) and down.weight.shape == (4 * HIDDEN, HIDDEN)  # [in, out]
     x = torch.randn(3, 4 * HIDDEN)
-    torch.testing.assert_close(down(x), x @ out_in_weight(down).T + down.bias)
+    torch.testing.assert_close(down(x), x @ weight_out_in(down).T + down.bias)
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))

@@ -340,9 +340,9 @@ def test_command_in_process(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     assert printed["data"]["bos_prepended"] is False and "plots" not in printed and printed["attention_sink"] is None
     with pytest.raises(UserError, match="--layer 5 does not exist"):
         locate_command.run(parsed(*base, "--layer", 5))
-    with pytest.raises(UserError, match="median_ratio"):
+    with pytest.raises(UserError, match="--massive-ratio: expected a number >= 1; got 0"):
         locate_command.run(parsed(*base, "--massive-ratio", 0))
-    with pytest.raises(UserError, match="unknown massive criterion 'median'; accepted: sun, prefixquant, top-k"):
+    with pytest.raises(UserError, match="--criterion: unknown value 'median'; accepted: sun, prefixquant, top-k"):
         locate_command.run(parsed(*base, "--criterion", "median"))
     with pytest.raises(UserError, match="takes no ratio"):
         locate_command.run(parsed(*base, "--criterion", "top-k"))

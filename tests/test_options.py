@@ -14,7 +14,7 @@ from massquant.errors import UserError
 from massquant.lmeval.model import HFLM_ARGS, accepted_keys, check_option_values, model_options, variant_from_options
 from massquant.options import settings
 from massquant.options.registry import GROUPS, OPTIONS, Option
-from massquant.recipes.schema import GRID_GROUPS, GRID_SKIP, RECIPE_KEYS, recipe_from_mapping
+from massquant.recipes.schema import GRID_GROUPS, GRID_SKIP, recipe_from_mapping
 
 CLI_ONLY = {"out", "json", "table_format", "help"}
 LMEVAL_NAMES = {"pretrained": "model", "device": "device", "add_bos_token": "bos"}  # lm-eval's spelling -> ours

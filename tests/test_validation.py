@@ -162,9 +162,9 @@ def test_lm_eval_model_args_are_checked_like_eval_flags(args, tiny_llama_dir):
 
     arguments = simple_parse_args_string(args[1].format(model=tiny_llama_dir))
     if arguments.get("dtype") == "float64":
-        with pytest.raises(UserError, match="unknown dtype"):
+        with pytest.raises(UserError, match="dtype: unknown value 'float64'"):
             check_model_args(arguments)
-        with pytest.raises(UserError, match="unknown dtype"):
+        with pytest.raises(UserError, match="dtype: unknown value 'float64'"):
             MassquantLM(**arguments)
     else:
         check_model_args(arguments)

@@ -8,23 +8,18 @@ from torch import nn
 from massquant.backends import AppliedQuantization
 from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import attention_geometry, weight_out_in
 from massquant.quantizers.tensors import quantize_activation, quantize_kv, quantize_weight
 from massquant.wrapping.quantize import QUANTIZABLE_TYPES, quantize_
 
 
 def _input_width(module: nn.Module) -> int:
-    # GPT-2's Conv1D stores its weight [in, out]; QuantLinear reads it transposed.
-    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+    return weight_out_in(module).shape[1]
 
 
 def kv_shape(model: nn.Module) -> tuple[int, int]:
     """(key/value heads, head_dim) of the states the KV hook sees: [batch, heads, tokens, head_dim]."""
-    config = model.config
-    attention = get_path(decoder_layers(model)[0], architecture_of(model).attention)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(heads), int(head_dim)
+    return attention_geometry(model)[1:]
 
 
 def check(loaded, spec) -> None:

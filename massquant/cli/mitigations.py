@@ -22,7 +22,7 @@ def run(args) -> int:
             "name": entry.name,
             "kind": entry.kind,
             "parameters": ", ".join(f"{key}={format_value(value)}" for key, value in entry.parameters.items()),
-            "architectures": ", ".join(entry.architectures) or "all",
+            "architectures": f"{', '.join(entry.architectures)} (needs {', '.join(entry.requires)})" if entry.requires else "all",
             "description": entry.description + (" (needs calibration)" if entry.needs_calibration else ""),
         }
         for entry in registry().values()

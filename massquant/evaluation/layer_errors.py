@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
+from massquant.models.passes import run_sequences
 from massquant.quantizers.functional import energy_ratio_db, sqnr_db
 from massquant.quantizers.spec import QuantSpec
 from massquant.quantizers.tensors import quantize_activation, quantize_weight
@@ -115,12 +115,5 @@ def layer_errors(model: nn.Module, spec: QuantSpec, batch: Tensor) -> list[dict]
     """
     check_measurable(spec)
     layers = [_LayerStatistics(name, linear, spec) for name, linear in select_linears(model, spec)]
-    handles = [layer.linear.register_forward_hook(layer.hook) for layer in layers]
-    device = next(model.parameters()).device
-    try:
-        for row in tqdm(batch, desc=f"errors {spec.name}", unit="seq", leave=False):
-            model(input_ids=row[None].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_sequences(model, batch, [(layer.linear, "forward", layer.hook) for layer in layers], f"errors {spec.name}")
     return [layer.row() for layer in layers]

@@ -18,6 +18,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
+import scipy.stats
 import torch
 
 from massquant.errors import UserError
@@ -221,24 +223,30 @@ def _leaves(group: str, children: dict[str, list[str]]) -> list[str]:
 def paired_bootstrap(
     variant: torch.Tensor, baseline: torch.Tensor, aggregation: str, resamples: int, confidence: float, seed: int
 ) -> tuple[float, float]:
-    """Percentile interval of aggregate(variant) - aggregate(baseline) over questions resampled together.
+    """Percentile interval of aggregate(variant) - aggregate(baseline) over questions resampled together
+    (``scipy.stats.bootstrap`` with ``paired=True``, ``method="percentile"``).
 
     ``variant[i]`` and ``baseline[i]`` are the two models' values on question i;
     each resample draws question indices with replacement and applies them to both.
+    Raises ValueError for tensors of different shapes, not 1-D, or empty.
     """
     if variant.shape != baseline.shape or variant.ndim != 1 or not len(variant):
         raise ValueError("paired bootstrap needs two equally long, non-empty 1-D tensors")
     aggregate = AGGREGATIONS[aggregation]
-    generator = torch.Generator().manual_seed(seed)
-    variant, baseline = variant.double(), baseline.double()
-    deltas = []
-    for start in range(0, resamples, RESAMPLES_PER_CHUNK):
-        count = min(RESAMPLES_PER_CHUNK, resamples - start)
-        index = torch.randint(0, len(variant), (count, len(variant)), generator=generator)
-        deltas.append(aggregate(variant[index]) - aggregate(baseline[index]))
-    tail = (1 - confidence) / 2
-    low, high = torch.quantile(torch.cat(deltas), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return low, high
+    if len(variant) == 1:  # one question: every resample is that question
+        only = float(aggregate(variant.double()) - aggregate(baseline.double()))
+        return only, only
+
+    def delta(ours: np.ndarray, theirs: np.ndarray, axis: int = -1) -> np.ndarray:
+        ours, theirs = (torch.from_numpy(np.moveaxis(values, axis, -1)) for values in (ours, theirs))
+        return (aggregate(ours) - aggregate(theirs)).numpy()
+
+    result = scipy.stats.bootstrap(
+        (variant.double().numpy(), baseline.double().numpy()), delta, paired=True, vectorized=True,
+        n_resamples=resamples, batch=RESAMPLES_PER_CHUNK, confidence_level=confidence, method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def _paired_values(variant: dict, baseline: dict, metric: str) -> tuple[torch.Tensor, torch.Tensor]:

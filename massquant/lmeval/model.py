@@ -47,7 +47,7 @@ def declared_keys() -> tuple[str, ...]:
 
 
 def accepted_keys() -> tuple[str, ...]:
-    return ("pretrained", "device", "add_bos_token", *declared_keys(), *HFLM_ARGS)
+    return ("pretrained", *declared_keys(), "device", "add_bos_token", *HFLM_ARGS)
 
 
 def _mitigation_hint(key: str, mitigation) -> str:

@@ -17,11 +17,12 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from transformers.pytorch_utils import Conv1D
 
 from massquant.massive import MassiveCriteria
 from massquant.massive.sites import MassiveSites, SuperWeight
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import (
+    architecture_of, decoder_layers, get_path, layer_hidden, weight_out_in, with_layer_hidden,
+)
 from massquant.quantizers.functional import outlier_cutoff, outlier_mask
 from massquant.wrapping.padding import attach_padding_mask, real_tokens
 
@@ -110,14 +111,6 @@ def first_layer_target(sites: MassiveSites, criteria: MassiveCriteria) -> Residu
 # ---- hooks ---------------------------------------------------------------------------------------
 
 
-def _hidden_of(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_hidden(output, hidden: Tensor):
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
 def _positions(hidden: Tensor, kwargs: dict) -> Tensor:
     positions = kwargs.get("position_ids")
     return positions if positions is not None else torch.arange(hidden.shape[-2], device=hidden.device)
@@ -187,9 +180,9 @@ def intervene_residual(
             done = changed_sequences["this_forward"]
             if done is not None and bool(done.all()):  # every sequence changed at an earlier layer
                 return None
-            hidden = _hidden_of(output)
+            hidden = layer_hidden(output)
             changed = change(index, hidden, _positions(hidden, kwargs))
-            return None if changed is None else _replace_hidden(output, changed)
+            return None if changed is None else with_layer_hidden(output, changed)
 
         return hook
 
@@ -213,11 +206,6 @@ def intervene_residual(
 # ---- super weights -------------------------------------------------------------------------------
 
 
-def out_in_weight(module: torch.nn.Module) -> Tensor:
-    """A linear layer's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``); a view, writable."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
-
-
 def down_projection(model, layer: int) -> torch.nn.Module:
     """The module whose weight the down projection applies: a mitigation that wraps the linear (an online
     Hadamard rotation) exposes it as ``linear``, and only the inner module's input meets that weight."""
@@ -232,7 +220,7 @@ def set_super_weights(model, super_weights: list[SuperWeight], values: Callable[
     previous = []
     with torch.no_grad():
         for weight in super_weights:
-            matrix = out_in_weight(down_projection(model, weight.layer))
+            matrix = weight_out_in(down_projection(model, weight.layer))
             current = matrix[weight.row, weight.col].clone()
             previous.append((matrix, weight, current))
             matrix[weight.row, weight.col] = values(weight, current)

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from massquant.errors import UserError
 from massquant.massive import CRITERIA, MassiveCriteria
-from massquant.massive.intervene import down_projection, out_in_weight
+from massquant.massive.intervene import down_projection
+from massquant.models.architectures import weight_out_in
 from massquant.massive.phenomena import LayerProfiles, blind_spots, group_phenomena
 from massquant.massive.sites import MassiveSite, MassiveSites
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import architecture_of, decoder_layers, get_path, layer_hidden
 from massquant.wrapping.attention import PREFIX as ATTENTION_PREFIX
 
 
@@ -377,7 +378,7 @@ class _DownProjection:
 
     def __init__(self, layer: int, module: torch.nn.Module, config: LocateConfig, super_weights):
         self.layer = layer
-        self.weight = out_in_weight(module)
+        self.weight = weight_out_in(module)
         self.config = config
         self.super_weights = super_weights
         self.top: list[Peak] = []
@@ -395,10 +396,6 @@ class _DownProjection:
         if not math.isnan(median):
             self.massive_channels.update(entries_above(inputs, row_maxima, massive_cutoff(self.config.criteria, median))[2])
         self.super_weights.observe(self.layer, inputs, outputs, self.weight)
-
-
-def _hidden(output) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 def tokens_by_channels(x: Tensor) -> Tensor:
@@ -537,7 +534,7 @@ def locate(
     current = {"sequence": 0}
 
     def residual_hook(stream: _ResidualStream):
-        return lambda module, args, output: stream.observe(tokens_by_channels(_hidden(output)), current["sequence"])
+        return lambda module, args, output: stream.observe(tokens_by_channels(layer_hidden(output)), current["sequence"])
 
     def down_hook(down: _DownProjection):
         return lambda module, args, output: down.observe(
@@ -650,7 +647,7 @@ def layer_output(model, input_ids: Tensor, layer: int) -> Tensor:
     captured = {}
 
     def hook(module, args, output):
-        captured["output"] = tokens_by_channels(_hidden(output)).cpu()
+        captured["output"] = tokens_by_channels(layer_hidden(output)).cpu()
 
     handle = layers[layer].register_forward_hook(hook)
     try:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from massquant.massive import MassiveCriteria
-from massquant.massive.intervene import out_in_weight
+from massquant.models.architectures import weight_out_in
 from massquant.massive.locate import (
     down_projections, host_rows, massive_cutoff, median_magnitude, row_magnitudes, run_without_logits, tokens_by_channels,
 )
@@ -81,7 +81,7 @@ def find_super_weights(
     tracker = SuperWeightTracker(criteria)
 
     def hook_for(index: int, module: torch.nn.Module):
-        weight = out_in_weight(module)
+        weight = weight_out_in(module)
 
         def hook(_, args, output):
             tracker.observe(index, tokens_by_channels(args[0]), tokens_by_channels(output), weight)

@@ -1,19 +1,24 @@
 """Registry of mitigations: model changes that tame massive activations before quantization.
 
 Each mitigation lives in its own module of this package and describes itself
-with a module-level ``MITIGATION`` entry. To add one, write the module and add
-its name to ``_MODULES``.
+with a module-level ``MITIGATION`` entry; the module implements the protocol of
+its kind (checked when the registry is built). To add one, write the module and
+add its name to ``_MODULES``.
 
-- post-hoc modules define ``apply(loaded, params, calibration) -> undo`` (no
+- post-hoc (``PostHoc``): ``apply(loaded, params, calibration) -> undo`` (no
   training; ``calibration`` is [samples, seq_len] token ids or None);
-- training-time modules define ``surgery(model, params) -> None`` (adds the
-  new modules, persistently) and optionally ``on_step(model, params, step)``
-  called by ``massquant train`` after each optimizer step. A training-time
-  entry with ``needs_calibration`` gets ``surgery(..., calibration=ids or None)``
-  to fit its starting point (None when a checkpoint is rebuilt: its weights
-  load next). Whatever ``surgery``/``on_step`` return (a dict or None) is
-  recorded in the run's results. A post-hoc module may also define
+- training-time (``TrainingTime``): ``surgery(model, params) -> dict | None``
+  (adds the new modules, persistently) and optionally ``on_step(model, params,
+  step)`` called by ``massquant train`` after each optimizer step. A
+  training-time entry with ``needs_calibration`` gets ``surgery(...,
+  calibration=ids or None)`` to fit its starting point (None when a checkpoint
+  is rebuilt: its weights load next). Whatever ``surgery``/``on_step`` return
+  is recorded in the run's results. A post-hoc module may also define
   ``surgery`` (kvbias): it is then trainable too.
+- ``check_params(params)`` (optional) refuses bad values before any model loads.
+
+An entry states the structural facts it needs (``requires``, from
+``models.architectures.FACTS``), never a list of model types.
 
 Selection syntax (``--mitigation``, ``mitigation=`` in model_args, recipes)::
 
@@ -27,19 +32,32 @@ A ``key=value`` after a comma continues the previous choice's parameters:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from dataclasses import dataclass, field
-from functools import cache
-from typing import Callable
+from types import ModuleType
+from typing import Callable, Protocol
 
 import torch
 
 from massquant.config import parse_options
 from massquant.errors import UserError
+from massquant.models.architectures import FACTS, architecture_of, model_types_with
 
 KINDS = ("post-hoc", "training")
 _MODULES = ("kv_bias", "prefix_kv", "hadamard", "smoothquant", "tvr", "dyt", "gated_attention")
+
+
+class PostHoc(Protocol):
+    def apply(self, loaded, params: dict, calibration: torch.Tensor | None) -> Callable[[], None]: ...
+
+
+class TrainingTime(Protocol):
+    def surgery(self, model: torch.nn.Module, params: dict) -> dict | None: ...
+
+
+PROTOCOLS = {"post-hoc": ("apply", PostHoc), "training": ("surgery", TrainingTime)}
 
 
 @dataclass(frozen=True)
@@ -48,12 +66,26 @@ class Mitigation:
     kind: str  # "post-hoc" or "training"
     description: str  # one line, shown by `massquant mitigations`
     parameters: dict = field(default_factory=dict)  # name -> default; the default's type is the parameter's
-    architectures: tuple[str, ...] = ()  # config.model_type values; empty: every architecture massquant knows
+    requires: tuple[str, ...] = ()  # structural facts (models.architectures.FACTS) the model must have
     needs_calibration: bool = False
-    module: str = ""  # filled by the registry: massquant.mitigations.<module>
+    module: str = ""  # filled by the registry: the implementing module's import path
 
-    def implementation(self):
-        return importlib.import_module(f"massquant.mitigations.{self.module}")
+    def implementation(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    @property
+    def trainable(self) -> bool:
+        """Usable by ``massquant train``: the module defines ``surgery``."""
+        return callable(getattr(self.implementation(), "surgery", None))
+
+    def hook(self, name: str) -> Callable | None:
+        """An optional part of the protocol (``on_step``, ``check_params``), or None."""
+        return getattr(self.implementation(), name, None)
+
+    @property
+    def architectures(self) -> list[str]:
+        """The model types in massquant's table that meet ``requires``."""
+        return model_types_with(self.requires)
 
 
 @dataclass(frozen=True)
@@ -75,13 +107,36 @@ def format_value(value) -> str:
     return ":".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-@cache
+_REGISTRY: dict[str, Mitigation] = {}
+
+
+def register_mitigation(module_path: str) -> Mitigation:
+    """Register the mitigation defined by the module at ``module_path`` (its ``MITIGATION`` entry and the
+    protocol functions of its kind); a module outside this package (a plugin, a test) registers the same way.
+
+    Raises TypeError when the module does not implement its kind's protocol or requires an unknown fact."""
+    module = importlib.import_module(module_path)
+    entry = Mitigation(**{**vars(module.MITIGATION), "module": module_path})
+    required, protocol = PROTOCOLS[entry.kind]
+    if not callable(getattr(module, required, None)):
+        raise TypeError(f"mitigation module {module_path} ({entry.kind}) must define {required}() ({protocol.__name__})")
+    unknown = set(entry.requires) - set(FACTS)
+    if unknown:
+        raise TypeError(f"mitigation {entry.name} requires unknown facts {sorted(unknown)}; known: {', '.join(FACTS)}")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+@functools.cache
+def _register_builtins() -> None:
+    for name in _MODULES:
+        register_mitigation(f"massquant.mitigations.{name}")
+
+
 def registry() -> dict[str, Mitigation]:
-    entries = {}
-    for module_name in _MODULES:
-        entry = importlib.import_module(f"massquant.mitigations.{module_name}").MITIGATION
-        entries[entry.name] = Mitigation(**{**vars(entry), "module": module_name})
-    return entries
+    """Every registered mitigation by name; the built-in ones (``_MODULES``) are registered on first use."""
+    _register_builtins()
+    return _REGISTRY
 
 
 def get_mitigation(name: str) -> Mitigation:
@@ -134,12 +189,17 @@ def _resolve(variant: list[tuple[str, list[str]]], text: str) -> list[Mitigation
 
 
 def check_applicable(model, variant: list[MitigationChoice]) -> None:
-    model_type = getattr(model.config, "model_type", None)
-    for choice in variant:
-        entry = get_mitigation(choice.name)
-        if entry.architectures and model_type not in entry.architectures:
+    """Refuse a mitigation whose required structural facts the model's architecture entry lacks."""
+    entries = [get_mitigation(choice.name) for choice in variant]
+    if not any(entry.requires for entry in entries):
+        return
+    facts = architecture_of(model).facts
+    for entry in entries:
+        missing = [fact for fact in entry.requires if fact not in facts]
+        if missing:
             raise UserError(
-                f"mitigation '{entry.name}' supports {', '.join(entry.architectures)}; this model is '{model_type}'"
+                f"mitigation '{entry.name}' needs {'; '.join(FACTS[fact] for fact in missing)}, which "
+                f"'{model.config.model_type}' does not have (supported: {', '.join(entry.architectures)})"
             )
 
 

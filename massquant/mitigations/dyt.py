@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from massquant.errors import UserError
 from massquant.mitigations import Mitigation
+from massquant.models.passes import run_sequences
 from massquant.models.architectures import architecture_of, decoder_layers, get_path
 
 MITIGATION = Mitigation(
@@ -140,14 +140,10 @@ def fit_norms(model, paths: list[str], affine: dict[str, tuple], calibration: to
 
         return hook
 
-    handles = [get_path(model, path).register_forward_hook(recorder(path)) for path in paths]
-    try:
-        for sequence in tqdm(calibration, desc="dyt fit", unit="seq", leave=False):
-            rows["current"] = torch.randperm(len(sequence), generator=generator)[:per_sequence].to(device)
-            model(input_ids=sequence[None].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    def pick(index: int, sequence: torch.Tensor) -> None:
+        rows["current"] = torch.randperm(len(sequence), generator=generator)[:per_sequence].to(device)
+
+    run_sequences(model, calibration, [(get_path(model, path), "forward", recorder(path)) for path in paths], "dyt fit", pick)
     return {path: solve_fit(sums[path], alphas) for path in paths}
 
 

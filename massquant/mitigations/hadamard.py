@@ -45,7 +45,7 @@ MITIGATION = Mitigation(
     kind="post-hoc",
     description="QuaRot-style rotation: norms folded, residual stream rotated by a randomized Hadamard, online Hadamard before down_proj",
     parameters={"seed": 0, "down_proj": True, "values": True},
-    architectures=("llama", "mistral", "qwen2", "qwen3", "gemma"),  # no norms on branch outputs (Gemma 2/3 have them)
+    requires=("rmsnorm", "no-branch-output-norms", "separate-qkv"),
     needs_calibration=False,
 )
 

@@ -26,13 +26,13 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from massquant.errors import UserError
 from massquant.mitigations import Mitigation
 from massquant.mitigations.folding import (
     Edits, as_float64, linear_at, norm_gain, rmsnorm_architecture, scale_inputs, scale_outputs, set_norm_gain,
 )
+from massquant.models.passes import run_sequences
 from massquant.models.architectures import decoder_layers, get_path
 
 PROJECTIONS = ("qkv", "up", "o", "down")
@@ -42,7 +42,7 @@ MITIGATION = Mitigation(
     kind="post-hoc",
     description="SmoothQuant: per-channel scales max|X|^alpha / max|W|^(1-alpha) move activation outliers into the weights",
     parameters={"alpha": 0.5, "projections": PROJECTIONS},
-    architectures=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
+    requires=("rmsnorm", "separate-qkv"),
     needs_calibration=True,
 )
 
@@ -147,14 +147,7 @@ def input_channel_maxima(model: nn.Module, modules: list[nn.Module], calibration
 
         return record
 
-    handles = [module.register_forward_pre_hook(recorder(index)) for index, module in enumerate(modules)]
-    try:
-        device = next(model.parameters()).device
-        for row in tqdm(calibration, desc="smoothquant calibration", unit="seq", leave=False):
-            model(input_ids=row[None].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_sequences(model, calibration, [(module, "pre", recorder(index)) for index, module in enumerate(modules)], "smoothquant calibration")
     return maxima
 
 

@@ -1,4 +1,4 @@
-"""Where each architecture keeps its layers, attention, MLP and norms: data, in one table.
+"""Where each architecture keeps its layers, attention, MLP and norms, and how it is built: data, in one table.
 
 To support a new architecture, add one ``Architecture`` entry below, keyed by
 ``config.model_type``. Paths are dotted attribute names, relative to the model
@@ -7,6 +7,10 @@ model type comes in several layouts (Falcon's norms), a layer path lists the
 alternatives, ``"ln_mlp|input_layernorm"``; ``architecture_of`` resolves them
 to the one the model at hand has. Every entry is checked against a tiny random
 model of its config class in ``tests/test_architectures.py``.
+
+Structural facts (``Architecture.facts``) are what mitigations require
+(``Mitigation.requires``) instead of lists of model types: a new architecture
+gets every mitigation whose requirements its entry meets.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from massquant.errors import UserError
 
@@ -36,6 +41,30 @@ class Architecture:
     # the gated MLP's branch that is multiplied by the activated gate, not activated itself:
     # scaling its output channels scales down_proj's input channels exactly (SmoothQuant folds there)
     linear_up_proj: str | None = None
+    # norms on the attention and MLP outputs before the residual add (Gemma 2/3 "sandwich" norms):
+    # a rotation of the residual stream does not commute with them
+    branch_output_norms: bool = False
+    weight_layout: str = "out_in"  # nn.Linear [out, in]; GPT-2's Conv1D stores [in, out]
+
+    @property
+    def facts(self) -> frozenset[str]:
+        """The structural facts mitigations may require (see ``FACTS``)."""
+        found = {self.norm_kind, "branch-output-norms" if self.branch_output_norms else "no-branch-output-norms"}
+        if self.query and self.key and self.value:
+            found.add("separate-qkv")
+        if self.linear_up_proj:
+            found.add("gated-mlp")
+        return frozenset(found)
+
+
+FACTS = {
+    "rmsnorm": "RMSNorm everywhere (no mean subtraction, no bias: scales and rotations fold into the next linear)",
+    "layernorm": "LayerNorm",
+    "no-branch-output-norms": "no norm on the attention/MLP outputs before the residual add",
+    "branch-output-norms": "norms on the attention/MLP outputs (Gemma 2/3 sandwich norms)",
+    "separate-qkv": "separate query, key and value projections (not one fused linear)",
+    "gated-mlp": "a gated MLP with a linear (not activated) up branch",
+}
 
 
 _LLAMA_LIKE = Architecture(
@@ -45,7 +74,7 @@ _LLAMA_LIKE = Architecture(
     out_proj="self_attn.o_proj", up_proj=("mlp.gate_proj", "mlp.up_proj"), linear_up_proj="mlp.up_proj",
 )
 _GEMMA2_LIKE = Architecture(  # extra norms after attention and MLP; the MLP reads pre_feedforward_layernorm
-    **{**vars(_LLAMA_LIKE), "post_attention_norm": "pre_feedforward_layernorm"}
+    **{**vars(_LLAMA_LIKE), "post_attention_norm": "pre_feedforward_layernorm", "branch_output_norms": True}
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -70,7 +99,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture(
         layers="transformer.h", attention="attn", mlp="mlp", down_proj="mlp.c_proj",
         input_norm="ln_1", post_attention_norm="ln_2", final_norm="transformer.ln_f", norm_kind="layernorm",
-        out_proj="attn.c_proj", up_proj=("mlp.c_fc",),
+        out_proj="attn.c_proj", up_proj=("mlp.c_fc",), weight_layout="in_out",
     ),
     "gpt_neox": Architecture(
         layers="gpt_neox.layers", attention="attention", mlp="mlp", down_proj="mlp.dense_4h_to_h",
@@ -97,7 +126,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma3": replace(_GEMMA2_LIKE, layers="model.language_model.layers", final_norm="model.language_model.norm"),
 }
 
-_LAYER_PATH_FIELDS = tuple(f.name for f in fields(Architecture) if f.name not in ("layers", "final_norm", "norm_kind"))
+_LAYER_PATH_FIELDS = tuple(
+    f.name for f in fields(Architecture) if f.name not in ("layers", "final_norm", "norm_kind", "branch_output_norms", "weight_layout")
+)
+# Linear layers: nn.Linear and GPT-2's Conv1D (the same map, its weight stored transposed).
+LINEAR_TYPES = (torch.nn.Linear, Conv1D)
 
 
 def architecture_of(model: torch.nn.Module) -> Architecture:
@@ -142,3 +175,33 @@ def get_path(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(get_path(model, architecture_of(model).layers))
+
+
+def model_types_with(facts) -> list[str]:
+    """The model types whose entry has every fact in ``facts`` (what a mitigation supports)."""
+    return [name for name, entry in ARCHITECTURES.items() if set(facts) <= entry.facts]
+
+
+def weight_out_in(module: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as ``[out, in]``: a view of GPT-2's ``[in, out]`` Conv1D weight, writable."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def attention_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head_dim) of the first decoder layer's attention."""
+    config = getattr(model.config, "text_config", None) or model.config
+    attention = get_path(decoder_layers(model)[0], architecture_of(model).attention)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(heads), int(kv_heads), int(head_dim)
+
+
+def layer_hidden(output) -> torch.Tensor:
+    """The hidden state in a decoder layer's output (a tensor, or the first item of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_layer_hidden(output, hidden: torch.Tensor):
+    """``output`` with its hidden state replaced (for forward hooks that change it)."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

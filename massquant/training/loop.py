@@ -84,7 +84,7 @@ def train(
     order = batch_order(len(windows), settings.batch_size, settings.steps, torch.Generator().manual_seed(settings.seed))
     step_hooks = [
         (choice, hook) for choice in choices
-        if (hook := getattr(get_mitigation(choice.name).implementation(), "on_step", None)) is not None
+        if (hook := get_mitigation(choice.name).hook("on_step")) is not None
     ]
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     history = []

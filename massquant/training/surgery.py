@@ -19,7 +19,7 @@ RECORD_KEY = "massquant_mitigations"
 
 def trainable_names() -> list[str]:
     """Mitigations usable by ``massquant train``: those whose module defines ``surgery``."""
-    return [name for name, entry in registry().items() if hasattr(entry.implementation(), "surgery")]
+    return [name for name, entry in registry().items() if entry.trainable]
 
 
 def training_choices(text: str) -> list[MitigationChoice]:
@@ -30,13 +30,13 @@ def training_choices(text: str) -> list[MitigationChoice]:
             f"recipe mitigation '{text}' names {len(variants)} variants; train one combination at a time (join with '+')"
         )
     for choice in variants[0]:
-        implementation = get_mitigation(choice.name).implementation()
-        if not hasattr(implementation, "surgery"):
+        entry = get_mitigation(choice.name)
+        if not entry.trainable:
             raise UserError(
                 f"mitigation '{choice.name}' has no training-time form; accepted: none, {', '.join(trainable_names())}"
             )
-        if hasattr(implementation, "check_params"):  # bad values fail before any model loads
-            implementation.check_params(choice.params)
+        if (check := entry.hook("check_params")) is not None:  # bad values fail before any model loads
+            check(choice.params)
     return variants[0]
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from massquant.models.architectures import weight_out_in
 from massquant.quantizers.spec import TensorQuantSpec
 from massquant.quantizers.tensors import (
     KeepRule, keep_mask, observed_range, quantize_activation, quantize_kv, quantize_weight, real_rows,
@@ -115,9 +116,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, original: nn.Module, weight_part: TensorQuantSpec | None, input_part: TensorQuantSpec | None, source=None):
         super().__init__()
-        weight = original.weight.detach()
-        if not isinstance(original, nn.Linear):  # GPT-2's Conv1D stores [in, out]
-            weight = weight.t()
+        weight = weight_out_in(original).detach()  # a view: written in place below
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.original = [original]  # a list, so the original is neither a submodule nor in state_dict
         self.source = source if weight_part else None  # an input-only quantizer leaves the weight as it is
@@ -141,10 +140,9 @@ class QuantLinear(nn.Module):
     def original_weight(self) -> torch.Tensor:
         """The full-precision weight ``[out, in]`` on the weight's device (read from the undo source when overwritten)."""
         if not self.in_place:
-            weight = self.original[0].weight.detach()
-        else:
-            weight = self.source.load().to(self.weight.device)
-        return weight if isinstance(self.original[0], nn.Linear) else weight.t()
+            return weight_out_in(self.original[0]).detach()
+        stored = self.source.load().to(self.weight.device)  # in the module's own layout
+        return stored if isinstance(self.original[0], nn.Linear) else stored.t()
 
     def restore(self) -> None:
         """Write the original values back into the original weight, bit for bit."""

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
 from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.passes import run_sequences
+from massquant.models.architectures import LINEAR_TYPES, architecture_of, decoder_layers, get_path
 from massquant.quantizers.spec import QuantSpec, parse_spec
 from massquant.wrapping.attention import attach_kv_transform
 from massquant.wrapping.modules import KVQuantizer, QuantLinear, RangeObserver
@@ -25,7 +24,7 @@ from massquant.wrapping.padding import attach_padding_mask
 from massquant.wrapping.sources import undo_sources
 
 # QuantLinear reads GPT-2's Conv1D weight transposed, so simulated quantization covers it too.
-QUANTIZABLE_TYPES = (nn.Linear, Conv1D)
+QUANTIZABLE_TYPES = LINEAR_TYPES
 
 
 @dataclass
@@ -110,9 +109,7 @@ def calibrate(model, observers: list[RangeObserver], calibration: torch.Tensor) 
     """Run calibration sequences in full precision of the observed tensors and freeze static ranges."""
     for observer in observers:
         observer.observing = True
-    device = next(model.parameters()).device
-    for row in tqdm(calibration, desc="calibrating static ranges", unit="seq", leave=False):
-        model(input_ids=row[None].to(device), use_cache=False)
+    run_sequences(model, calibration, description="calibrating static ranges")
     for observer in observers:
         observer.freeze()
 
