@@ -13,7 +13,7 @@ from torch import nn
 
 from massquant.benchmarks.bench import model_bytes
 
-FIGURE_KEYS = {"1", "2", "3a", "3b", "4a", "4b", "5", "6a", "6b", "6c"}
+FIGURE_KEYS = {"1", "2", "3a", "3b", "4a", "4b", "5", "6a", "6b", "6c", "7a", "7b", "8", "9"}
 
 
 def test_model_bytes_of_a_linear_before_and_after_bitsandbytes_int8():

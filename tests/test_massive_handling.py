@@ -286,8 +286,8 @@ def test_keep_sets_rules_on_located_inputs_restores_super_weights_and_counts(pla
         assert rules["model.layers.1.mlp.down_proj"] == KeepRule(2.0, 5.0, (3, 11))
         assert rules["model.layers.1.self_attn.o_proj"] is None
         down = layers[1].mlp.down_proj
-        assert down.weight[MASSIVE_CHANNEL, 3] == down.original[0].weight[MASSIVE_CHANNEL, 3]  # restored
-        assert (down.weight != down.original[0].weight).sum() > 0.5 * down.weight.numel()  # the rest is 4-bit
+        assert down.weight[MASSIVE_CHANNEL, 3] == down.original_weight()[MASSIVE_CHANNEL, 3]  # restored
+        assert (down.weight != down.original_weight()).sum() > 0.5 * down.weight.numel()  # the rest is 4-bit
         quantized = layer_outputs(planted.model, token_ids)[-1]
         q_proj = layers[1].self_attn.q_proj.input_quantizer
         assert q_proj.kept_values >= len(token_ids)  # the first token's channel 7 in each sequence, and normed outliers
@@ -366,7 +366,7 @@ def test_dynamic_keep_inspects_every_channel_and_finds_super_weights_without_dat
         rules = {m.input_quantizer.keep for m in planted.model.modules() if isinstance(m, QuantLinear)}
         assert rules == {KeepRule(100.0, 1000.0, None)}
         down = down_projection(planted.model, 2)
-        original = down.original[0].weight.detach()
+        original = down.original_weight()
         scale = original[5].abs().max() / 127
         assert down.weight[5, 9] == original[5, 9] != torch.round(original[5, 9] / scale) * scale
     finally:

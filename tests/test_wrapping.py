@@ -39,9 +39,8 @@ def test_w8a8_linear_equals_reference_math(tiny):
     handle = quantize_(tiny.model, "w8a8")
     try:
         module = handle.linears["model.layers.0.mlp.down_proj"]
-        original = module.original[0]
-        x = torch.randn(3, 5, original.in_features) * 2
-        weight = original.weight.detach()
+        x = torch.randn(3, 5, module.in_features) * 2
+        weight = module.original_weight()  # read back from the undo source: the weight itself now holds int8 values
         w_scale = weight.abs().amax(dim=1) / 127
         w_ref = torch.fake_quantize_per_channel_affine(weight, w_scale, torch.zeros(len(w_scale), dtype=torch.int32), 0, -128, 127)
         rows = x.reshape(-1, x.shape[-1])
@@ -58,10 +57,10 @@ def test_gpt2_conv1d_layers_are_quantized_as_transposed_linears():
     model = tiny_model("gpt2")
     conv = model.transformer.h[0].mlp.c_fc
     x = torch.randn(2, 5, conv.nx)
+    weight = conv.weight.detach().T.clone()  # Conv1D stores [in, out]; quantize_ overwrites it in place
     handle = quantize_(model, "w8a8")
     try:
         assert len(handle.linears) == 4 * len(model.transformer.h)  # c_attn, c_proj, c_fc, mlp.c_proj per block
-        weight = conv.weight.detach().T  # Conv1D stores [in, out]
         w_scale = weight.abs().amax(dim=1) / 127
         w_ref = torch.fake_quantize_per_channel_affine(weight, w_scale, torch.zeros(len(w_scale), dtype=torch.int32), 0, -128, 127)
         rows = x.reshape(-1, x.shape[-1])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from massquant import options
 from massquant.errors import UserError
-from massquant.recipes.execute import flat_row, run_cells
+from massquant.recipes.execute import Executor, flat_row, run_cells
 from massquant.recipes.schema import expand, load_recipe, with_overrides
 from massquant.reporting.compare import add_deltas, resolve_view, table
 from massquant.reporting.results import ensure_writable_dir, environment, to_json, write_json_atomic
@@ -23,6 +23,12 @@ def add_arguments(parser) -> None:
     # Overrides: the same grid on other models or a smaller slice of text (repeat --model/--data/--seq-len for several).
     options.add_arguments(parser, "model", "text", only=("model", "data", "seq_len", "max_tokens"), axes=True)
     parser.add_argument("--recompute", action="store_true", help="compute every cell again, ignoring cached ones")
+    parser.add_argument(
+        "--executor", choices=("local", "ray"), default="local",
+        help="where cells are computed: this process (default), or a Ray cluster (pip install 'massquant[ray]'); "
+        "each Ray worker asks for the recipe's 'resources' and the run directory must be shared by every node",
+    )
+    parser.add_argument("--address", metavar="ADDR", help="--executor ray: the cluster to join ('auto', 'ray://HOST:10001'; default: start a local one)")
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the results JSON to stdout instead of the table")
     output.add_argument("--table-format", default="github", choices=TABLE_FORMATS, help="format of the printed table (default: github)")
@@ -33,6 +39,8 @@ def run(args) -> int:
     recipe = load_recipe(recipe_path)
     overrides = {"model": args.model, "data": args.data, "seq_len": args.seq_len, "max_tokens": args.max_tokens}
     recipe = with_overrides(recipe, **overrides)
+    if args.address and args.executor != "ray":
+        raise UserError("--address names a Ray cluster; it needs --executor ray")
     cells = expand(recipe, f"recipe '{recipe_path}'")  # every error before any model loads
     directory = ensure_writable_dir(args.out or Path("results") / recipe.name)
     view = recipe.table
@@ -62,7 +70,8 @@ def run(args) -> int:
         else:
             write_errors.clear()
 
-    outcome = run_cells(cells, directory, recipe.name, on_record=save, recompute=args.recompute)
+    executor = Executor(args.executor, args.address, recipe.resources)
+    outcome = run_cells(cells, directory, recipe.name, on_record=save, recompute=args.recompute, executor=executor)
     payload.update(computed=outcome.computed, reused=outcome.reused, stale=outcome.stale, not_applicable=outcome.not_applicable)
     save(outcome.records)
     error = outcome.write_error or (write_errors[0] if write_errors else None)

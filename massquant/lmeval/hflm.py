@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import torch
 import lm_eval.models.huggingface as hflm_module
@@ -13,7 +14,9 @@ from lm_eval.models.huggingface import HFLM
 
 from massquant.data.text import BOS_POLICIES
 from massquant.errors import UserError
+from massquant.lmeval.parallel import check_identical_weights, gathered, join_processes
 
+log = logging.getLogger(__name__)
 WHERE = "massquant model_args"  # the settings these helpers check arrive as lm-eval model_args
 
 
@@ -117,6 +120,42 @@ class InvariantHFLM(HFLM):
             "prefix_token_id": prefix,
             "requests_per_forward": 1,
         }
+        self.requests_scored: dict[str, int] = {}
+        self.data_parallel = self._join_processes(model)
+
+    def _join_processes(self, model) -> dict | None:
+        """Under ``torchrun`` or ``accelerate launch``: take this process's rank so lm-eval shards the requests
+        (see ``massquant.lmeval.parallel``), after checking every rank holds the same weights."""
+        accelerator = join_processes(cpu=model.device.type == "cpu")
+        if accelerator is None:
+            return None
+        self.accelerator = accelerator
+        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        hashes = check_identical_weights(model)
+        log.info("rank %d of %d: weights sha256 %s", self._rank, self._world_size, hashes[self._rank])
+        return {"processes": self._world_size, "weights_sha256_per_rank": hashes, "requests_per_rank": None}
+
+    def barrier(self) -> None:
+        """lm-eval's wait after each request type, on every rank; the ranks also share how many requests each scored."""
+        super().barrier()
+        if self.data_parallel is not None:
+            self.data_parallel["requests_per_rank"] = gathered(dict(self.requests_scored))
+
+    def _count(self, kind: str, requests) -> None:
+        self.requests_scored[kind] = self.requests_scored.get(kind, 0) + len(requests)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._count("loglikelihood", requests)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        self._count("generate_until", requests)
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def get_model_info(self) -> dict:
+        """HFLM's, plus, under data parallelism, each rank's weight hash and request counts."""
+        info = super().get_model_info()
+        return info if self.data_parallel is None else {**info, "data_parallel": self.data_parallel}
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """As HFLM's, except that a rolling request's text gets no BOS of its own: its windows start with
@@ -126,6 +165,7 @@ class InvariantHFLM(HFLM):
         return super().tok_encode(string, add_special_tokens=add_special_tokens, **kwargs)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._count("loglikelihood_rolling", requests)
         self._rolling = True
         try:
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)

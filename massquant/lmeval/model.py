@@ -21,6 +21,7 @@ from massquant.config import check_int, coerce, unknown_key_error
 from massquant.errors import UserError
 from massquant.data.text import BOS_POLICIES
 from massquant.lmeval.hflm import WHERE, InvariantHFLM, bos_tokenizer, context_token
+from massquant.lmeval.parallel import join_processes
 from massquant.mitigations import get_mitigation, parse_mitigations
 from massquant.models.loading import DEFAULT_MODEL, LoadedModel, ModelConfig, load_model
 from massquant.options import settings
@@ -182,6 +183,8 @@ class MassquantLM(InvariantHFLM):
         variant = variant_from_options(values)
         policy = bos_policy(values.bos, values.add_bos_token)
         config = check_option_values(values)
+        if config is not None:
+            join_processes(cpu=config.device == "cpu")  # launched: this rank's GPU becomes the current one before loading
         loaded = values.pretrained if config is None else load_model(config)
         context_token(loaded.tokenizer, policy, model_args.get("prefix_token_id"))  # refused before any calibration
         prepends = bos_tokenizer(loaded.tokenizer, policy)[1]

@@ -42,7 +42,7 @@ from massquant.massive.locate import LocateConfig, locate
 from massquant.massive.sites import MassiveSites, SuperWeight
 from massquant.massive.super_weights import find_super_weights
 from massquant.massive.targets import kept_channel, linear_input_channels, residual_reader_groups, residual_targets
-from massquant.models.architectures import architecture_of, decoder_layers, get_path, weight_out_in
+from massquant.models.architectures import architecture_of, decoder_layers, get_path
 from massquant.quantizers.tensors import KeepRule
 from massquant.wrapping.modules import QuantLinear
 from massquant.wrapping.quantize import calibrate
@@ -168,7 +168,7 @@ def _keep(
     undo_steps.append(
         set_super_weights(
             model, quantized_weights,
-            lambda weight, _: weight_out_in(down_projection(model, weight.layer).original[0])[weight.row, weight.col],
+            lambda weight, _: down_projection(model, weight.layer).original_weight()[weight.row, weight.col],
         )
     )
     record.update(

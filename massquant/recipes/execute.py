@@ -24,6 +24,7 @@ from massquant.evaluation.tasks import TaskSuite
 from massquant.models.loading import load_model, max_sequence_length
 from massquant.recipes.cache import CellCache
 from massquant.recipes.grid import CELL_FORMAT, Cell
+from massquant.recipes.ray_executor import CellResources
 from massquant.recipes.schema import NO_TEXT
 from massquant.reporting.compare import task_metrics
 from massquant.reporting.results import environment
@@ -32,6 +33,16 @@ from massquant.errors import UserError
 from massquant.models.loading import model_fingerprint, resolve_reference
 from massquant.validation import model_facts, not_applicable, not_applicable_row, require_runnable
 from massquant.variants import check_variant_settings
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where ``run_cells`` computes cells: ``local`` (this process) or ``ray`` (a Ray cluster at ``address``,
+    each worker asking for ``resources``; see ``massquant.recipes.ray_executor``)."""
+
+    name: str = "local"
+    address: str | None = None
+    resources: CellResources = dataclasses.field(default_factory=CellResources)
 
 
 @dataclass
@@ -199,11 +210,12 @@ def measure_cell(session: _ModelSession, cell: Cell, key: str, recipe_name: str,
 
 def run_cells(
     cells: list[Cell], run_directory: Path, recipe_name: str,
-    on_record: Callable[[list[dict]], None] | None = None, recompute: bool = False,
+    on_record: Callable[[list[dict]], None] | None = None, recompute: bool = False, executor: Executor | None = None,
 ) -> RunOutcome:
     """Reuse every cached cell whose inputs are unchanged, compute the rest; ``on_record(finished records)`` runs
     after each new cell. ``recompute`` ignores the cache. A cell that cannot run on its model gets a
-    "not applicable" record; only a recipe where no requested cell can run is an error."""
+    "not applicable" record; only a recipe where no requested cell can run is an error. ``executor``:
+    where cells are computed (default: this process, one after another)."""
     for cell in cells:  # what no model allows (a training-time mitigation, a missing library): refused at once
         check_variant_settings(cell.variant)
     cells = with_inputs(cells)
@@ -239,6 +251,8 @@ def run_cells(
     # One recipe has one task setting; its names are checked (lm-eval's index built once) before any model loads.
     task_settings = next((cell.tasks for cell, _ in pending if cell.tasks is not None), None)
     suite = TaskSuite(task_settings) if task_settings is not None else None
+    if executor is not None and executor.name == "ray" and pending:
+        return _run_on_ray(cells, keys, records, pending, reasons, run_directory, recipe_name, task_settings, executor, on_record, stale, reused)
     session = None
     write_error = None
     computed = 0
@@ -276,9 +290,36 @@ def run_cells(
                 on_record([records[k] for k in dict.fromkeys(keys) if k in records])
     finally:
         progress.close()
+    return _outcome(cells, keys, records, reasons, computed, reused, stale, write_error)
+
+
+def _outcome(cells, keys, records, reasons, computed, reused, stale, write_error) -> RunOutcome:
+    """The records in recipe order; a recipe where no cell could run (models checked only once loaded) is an error."""
     ordered = [records[key] for key in dict.fromkeys(keys)]
-    require_runnable([cell.variant for cell in cells], [reasons.get(key) for key in keys])  # models checked only once loaded
+    require_runnable([cell.variant for cell in cells], [reasons.get(key) for key in keys])
     return RunOutcome(
         ordered, computed=computed, reused=reused, stale=stale,
         not_applicable=sum(1 for key in set(keys) if reasons.get(key)), write_error=write_error,
     )
+
+
+def _run_on_ray(
+    cells, keys, records, pending, reasons, run_directory, recipe_name, task_settings, executor: Executor, on_record, stale, reused,
+) -> RunOutcome:
+    """``run_cells``'s loop on a Ray cluster: workers measure and cache the cells, the driver collects them."""
+    from massquant.recipes import ray_executor
+
+    ray_executor.connect(executor.address)
+    write_error = None
+    computed = 0
+    for key, record, error in ray_executor.compute(pending, run_directory, recipe_name, task_settings, executor.resources):
+        records[key] = record
+        if record["row"].get("not_applicable"):
+            reasons[key] = record["row"]["not_applicable"]
+        else:
+            computed += 1
+        if error:
+            write_error = UserError(error)
+        if on_record:
+            on_record([records[k] for k in dict.fromkeys(keys) if k in records])
+    return _outcome(cells, keys, records, reasons, computed, reused, stale, write_error)

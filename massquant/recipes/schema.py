@@ -17,6 +17,7 @@ single value::
     mitigation: [none, "smoothquant:alpha=0.8"]
     calib_samples: 4
     table: {rows: [massive], cols: spec, value: ppl}
+    resources: {num_cpus: 1, num_gpus: 0}   # what each worker asks Ray for (--executor ray)
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from massquant.models.loading import ModelConfig
 from massquant.options import settings
 from massquant.reporting.compare import PERPLEXITY_VALUES, View, check_layout_keys
 from massquant.recipes.grid import Cell
+from massquant.recipes.ray_executor import CellResources
 
 RECIPE_KIND = "grid"
 # A grid recipe takes every option of these groups (``massquant.options.declarations``) as a key;
 # model, data and seq_len take lists (one cell each), and so do spec, backend, massive and mitigation.
 GRID_GROUPS = ("model", "text", "quantization", "calibration", "massive", "mitigation", "tasks", "run")
 GRID_SKIP = ("n_seqs",)  # sampled sequences belong to locate/errors, not to a grid of windows
-RECIPE_KEYS = ("kind", "name", "description", "table")
+RECIPE_KEYS = ("kind", "name", "description", "table", "resources")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class GridRecipe:
     description: str = ""
     table: View = field(default_factory=View)  # how 'massquant run' prints the grid
     values: SimpleNamespace = field(default_factory=lambda: options.from_mapping({}, GRID_GROUPS, "recipe", skip=GRID_SKIP))
+    resources: CellResources = field(default_factory=CellResources)  # per worker under --executor ray
 
     def models(self, where: str = "recipe") -> list[ModelConfig]:
         return [_model_config(item, self.values, where) for item in self.values.model]
@@ -76,7 +79,8 @@ def recipe_from_mapping(mapping, where: str, default_name: str = "recipe") -> Gr
     table = options_table(mapping.get("table", {}), where)
     if table.value not in PERPLEXITY_VALUES and not values.tasks:  # task metrics are named by lm-eval
         raise UserError(f"{where}: table: unknown value '{table.value}'; accepted: {', '.join(PERPLEXITY_VALUES)}")
-    recipe = GridRecipe(mapping.get("name") or default_name, mapping.get("description", ""), table, values)
+    resources = from_mapping(CellResources, mapping.get("resources", {}), f"{where}: resources").validate(where)
+    recipe = GridRecipe(mapping.get("name") or default_name, mapping.get("description", ""), table, values, resources)
     recipe.models(where)  # model mappings are checked now
     return recipe
 

@@ -109,19 +109,51 @@ class KVQuantizer(RangeObserver):
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with its weight quantized once and, optionally, its input per forward."""
+    """A linear layer with its weight quantized once and, optionally, its input per forward.
 
-    def __init__(self, original: nn.Module, weight_part: TensorQuantSpec | None, input_part: TensorQuantSpec | None):
+    The quantized values are written into the original weight's storage
+    (``self.weight`` is a view of it, ``[out, in]``), so no second copy of the
+    weight exists; ``source`` (see ``massquant.wrapping.sources``) gives the
+    original values back for ``restore()``. With ``source=None`` the original is
+    left untouched and the quantized weight gets storage of its own (a weight
+    tied to another parameter).
+    """
+
+    def __init__(self, original: nn.Module, weight_part: TensorQuantSpec | None, input_part: TensorQuantSpec | None, source=None):
         super().__init__()
-        weight = weight_out_in(original)
+        weight = weight_out_in(original).detach()  # a view: written in place below
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.original = [original]  # a list, so the original is neither a submodule nor in state_dict
+        self.source = source if weight_part else None  # an input-only quantizer leaves the weight as it is
         with torch.no_grad():
-            quantized = quantize_weight(weight.detach(), weight_part) if weight_part else weight.detach()
-        self.weight = nn.Parameter(quantized.contiguous(), requires_grad=False)
+            if weight_part is not None:
+                quantized = quantize_weight(weight, weight_part)
+                if self.source is not None:
+                    weight.copy_(quantized)
+                else:
+                    weight = quantized.contiguous()
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = original.bias
         self.weight_part = weight_part
         self.input_quantizer = ActivationQuantizer(input_part) if input_part else None
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the quantized values overwrote the original weight's storage."""
+        return self.source is not None
+
+    def original_weight(self) -> torch.Tensor:
+        """The full-precision weight ``[out, in]`` on the weight's device (read from the undo source when overwritten)."""
+        if not self.in_place:
+            return weight_out_in(self.original[0]).detach()
+        stored = self.source.load().to(self.weight.device)  # in the module's own layout
+        return stored if isinstance(self.original[0], nn.Linear) else stored.t()
+
+    def restore(self) -> None:
+        """Write the original values back into the original weight, bit for bit."""
+        if self.in_place:
+            with torch.no_grad():
+                self.original[0].weight.copy_(self.source.load())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:

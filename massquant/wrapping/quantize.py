@@ -6,6 +6,7 @@ call. Weights are quantized once here, never per forward.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,7 @@ from massquant.quantizers.spec import QuantSpec, parse_spec
 from massquant.wrapping.attention import attach_kv_transform
 from massquant.wrapping.modules import KVQuantizer, QuantLinear, RangeObserver
 from massquant.wrapping.padding import attach_padding_mask
+from massquant.wrapping.sources import undo_sources
 
 # QuantLinear reads GPT-2's Conv1D weight transposed, so simulated quantization covers it too.
 QUANTIZABLE_TYPES = LINEAR_TYPES
@@ -52,7 +54,14 @@ class QuantizationHandle:
             "linears": len(self.linears),
             "kv_attention_modules": len(self.kv_quantizers),
             "static": any(not o.part.dynamic for o in self.observers()),
+            "undo_sources": self.undo_sources(),
         }
+
+    def undo_sources(self) -> dict[str, int]:
+        """How many quantized weights come back from each source on undo (``massquant.wrapping.sources``):
+        ``safetensors``, ``cpu_copy``, or ``separate`` (not overwritten: input-only, or a tied weight)."""
+        kinds = [linear.source.kind if linear.in_place else "separate" for linear in self.linears.values()]
+        return dict(sorted(Counter(kinds).items()))
 
     def observers(self) -> list[RangeObserver]:
         inputs = [q.input_quantizer for q in self.linears.values() if q.input_quantizer is not None]
@@ -60,18 +69,32 @@ class QuantizationHandle:
 
 
 def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None:
+    selected = select_linears(model, spec, QUANTIZABLE_TYPES)
+    offloaded = [name for name, module in selected if module.weight.device.type == "meta"]
+    if offloaded:  # accelerate keeps them elsewhere and loads them per forward: quantizing the placeholder does nothing
+        raise UserError(
+            f"spec '{spec.name}': {len(offloaded)} selected layers have offloaded weights (e.g. {offloaded[0]}, on the meta "
+            "device under an accelerate device_map with CPU or disk offload); fake quantization needs them in memory: "
+            "give the model more device memory, or load it with --device cpu"
+        )
+    sources = undo_sources(model, [name for name, _ in selected]) if spec.weights is not None else {}
     originals = []
-    for name, module in tqdm(select_linears(model, spec, QUANTIZABLE_TYPES), desc=f"quantizing {spec.name}", unit="linear", leave=False):
-        quantized = QuantLinear(module, spec.weights, spec.activations)
+
+    def restore() -> None:
+        for name, module in reversed(originals):
+            handle.linears[name].restore()
+            model.set_submodule(name, module)
+
+    handle._undo_steps.append(restore)  # before the loop: a failure part-way still restores what was changed
+    for name, module in tqdm(selected, desc=f"quantizing {spec.name}", unit="linear", leave=False):
+        quantized = QuantLinear(module, spec.weights, spec.activations, sources.get(name))
+        if hasattr(module, "_hf_hook"):  # accelerate's device hook (a device_map) stays on the module in this place
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(quantized, module._hf_hook)
         model.set_submodule(name, quantized)
         handle.linears[name] = quantized
         originals.append((name, module))
-
-    def restore() -> None:
-        for name, module in originals:
-            model.set_submodule(name, module)
-
-    handle._undo_steps.append(restore)
 
 
 def _attach_kv_quantizers(model, spec: QuantSpec, handle: QuantizationHandle) -> None:
