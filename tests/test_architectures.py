@@ -18,7 +18,9 @@ from transformers.pytorch_utils import Conv1D
 
 from massquant.errors import UserError
 from massquant.models.architectures import weight_out_in
-from massquant.massive.locate import LocateConfig, attention_sink_share, locate
+from massquant.massive.locate import locate
+from massquant.massive.observers import attention_sink_share
+from massquant.massive.report import LocateConfig
 from massquant.models.architectures import ARCHITECTURES, architecture_of, decoder_layers, get_path
 
 HIDDEN, HEADS, LAYERS, VOCAB = 32, 4, 2, 128

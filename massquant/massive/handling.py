@@ -38,7 +38,8 @@ from massquant.massive.intervene import (
     InterventionCounts, TokenIds, describe_targets, down_projection, intervene_targets, mean_tables,
     set_super_weights, site_counts,
 )
-from massquant.massive.locate import LocateConfig, locate
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig
 from massquant.massive.sites import MassiveSites, SuperWeight
 from massquant.massive.super_weights import find_super_weights
 from massquant.massive.targets import kept_channel, linear_input_channels, residual_reader_groups, residual_targets

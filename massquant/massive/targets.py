@@ -34,7 +34,8 @@ from massquant.errors import UserError
 from massquant.models.passes import run_sequences
 from massquant.massive import DEFAULT_TARGET, MassiveCriteria, target_channel
 from massquant.massive.intervene import ResidualTarget, first_layer_target
-from massquant.massive.locate import entries_above, magnitude_profile, massive_cutoff, run_without_logits, tokens_by_channels
+from massquant.massive.observers import run_without_logits
+from massquant.massive.statistics import entries_above, magnitude_profile, massive_cutoff, tokens_by_channels
 from massquant.massive.phenomena import group_phenomena
 from massquant.massive.sites import MassiveSites
 from massquant.models.architectures import architecture_of, decoder_layers, get_path

@@ -40,7 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 from massquant.errors import UserError
-from massquant.massive.locate import LocateConfig, locate
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig
 from massquant.massive.phenomena import beyond_typical
 from massquant.mitigations import Mitigation
 from massquant.models.architectures import architecture_of, decoder_layers, get_path
