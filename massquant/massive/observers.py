@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from massquant.errors import UserError
 from massquant.massive.intervene import down_projection
 from massquant.massive.sites import MassiveSite
-from massquant.models.architectures import architecture_of, decoder_layers, get_path, layer_hidden, weight_out_in
+from massquant.models.architectures import architecture_of, decoder_layers, layer_hidden, weight_out_in
 from massquant.wrapping.attention import PREFIX as ATTENTION_PREFIX
 from massquant.massive.report import LocateConfig, Peak
 from massquant.massive.statistics import channel_magnitudes, criterion_cutoff, entries_above, gram_entropy, host_rows, keep_largest, largest, magnitude_profile, massive_cutoff, median_magnitude, power_sums, ratio_to, row_magnitudes, token_norms, tokens_by_channels
@@ -142,7 +142,7 @@ def attention_sink_share(model, input_ids: Tensor, progress: bool = True) -> lis
         )
     input_ids = as_batch(input_ids)
     attention_path = architecture_of(model).attention
-    modules = [get_path(layer, attention_path) for layer in decoder_layers(model)]
+    modules = [layer.get_submodule(attention_path) for layer in decoder_layers(model)]
     totals = [None] * len(modules)
 
     def hook_for(index: int):

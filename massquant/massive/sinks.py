@@ -18,7 +18,7 @@ from massquant.errors import UserError
 from massquant.massive.observers import as_batch
 from massquant.massive.observers import eager_name, runs_eager, attention_probabilities_available, run_without_logits
 from massquant.massive.phenomena import beyond_typical
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import architecture_of, decoder_layers
 
 
 def sink_positions(report, sequences: int) -> list[list[int]]:
@@ -45,7 +45,7 @@ def attention_share_on(model, input_ids: Tensor, keys: list[list[int]], progress
         raise UserError(f"{type(model).__name__} cannot switch to eager attention at run time; load it with --attn eager")
     input_ids = as_batch(input_ids)
     attention_path = architecture_of(model).attention
-    modules = [get_path(layer, attention_path) for layer in decoder_layers(model)]
+    modules = [layer.get_submodule(attention_path) for layer in decoder_layers(model)]
     sums = [0.0] * len(modules)
     counts = [0] * len(modules)
     current: dict[str, list[int]] = {"keys": []}
