@@ -7,11 +7,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from massquant.analysis.dynamics import PARAMETERS, checkpoint_step, emergence_form, fit_trajectory
 from massquant.cli.main import main
-from massquant.massive.locate import LocateConfig, attention_sink_share, locate
+from massquant.massive.locate import locate
+from massquant.massive.observers import attention_sink_share
+from massquant.massive.report import LocateConfig
 
 TRUE = {"A": 400.0, "lambda": 3e-4, "gamma": 0.02, "t0": 150.0, "K": 5.0}
 

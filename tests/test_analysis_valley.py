@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from massquant.analysis.valley import compression_valley, layer_correlation, matrix_entropies
-from massquant.massive.locate import LocateConfig, gram_entropy, locate
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig
+from massquant.massive.statistics import gram_entropy
 
 
 def _entropies_by_numpy(x: np.ndarray) -> tuple[float, float]:

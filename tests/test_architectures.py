@@ -18,8 +18,10 @@ from transformers.pytorch_utils import Conv1D
 
 from massquant.errors import UserError
 from massquant.models.architectures import weight_out_in
-from massquant.massive.locate import LocateConfig, attention_sink_share, locate
-from massquant.models.architectures import ARCHITECTURES, architecture_of, decoder_layers, get_path
+from massquant.massive.locate import locate
+from massquant.massive.observers import attention_sink_share
+from massquant.massive.report import LocateConfig
+from massquant.models.architectures import ARCHITECTURES, architecture_of, decoder_layers
 
 HIDDEN, HEADS, LAYERS, VOCAB = 32, 4, 2, 128
 _DECODER = dict(
@@ -116,18 +118,18 @@ def assert_paths_carry_what_their_names_say(model, input_ids: torch.Tensor) -> N
     recorder = Recorder()
     for index, layer in enumerate(layers):
         recorder.watch(f"{index}.layer", layer)
-        recorder.watch(f"{index}.attention", get_path(layer, architecture.attention))
-        recorder.watch(f"{index}.input_norm", get_path(layer, architecture.input_norm))
-        recorder.watch(f"{index}.post_attention_norm", get_path(layer, architecture.post_attention_norm))
-        recorder.watch(f"{index}.down_proj", get_path(layer, architecture.down_proj))
+        recorder.watch(f"{index}.attention", layer.get_submodule(architecture.attention))
+        recorder.watch(f"{index}.input_norm", layer.get_submodule(architecture.input_norm))
+        recorder.watch(f"{index}.post_attention_norm", layer.get_submodule(architecture.post_attention_norm))
+        recorder.watch(f"{index}.down_proj", layer.get_submodule(architecture.down_proj))
         if architecture.mlp:
-            recorder.watch(f"{index}.mlp", get_path(layer, architecture.mlp))
+            recorder.watch(f"{index}.mlp", layer.get_submodule(architecture.mlp))
         for path in architecture.up_proj:
-            recorder.watch(f"{index}.{path}", get_path(layer, path))
+            recorder.watch(f"{index}.{path}", layer.get_submodule(path))
         for field in ("query", "key", "value", "out_proj"):
             if getattr(architecture, field):
-                recorder.watch(f"{index}.{field}", get_path(layer, getattr(architecture, field)))
-    recorder.watch("final_norm", get_path(model, architecture.final_norm))
+                recorder.watch(f"{index}.{field}", layer.get_submodule(getattr(architecture, field)))
+    recorder.watch("final_norm", model.get_submodule(architecture.final_norm))
     try:
         with torch.no_grad():
             hidden_states = model(input_ids=input_ids, output_hidden_states=True).hidden_states
@@ -137,7 +139,7 @@ def assert_paths_carry_what_their_names_say(model, input_ids: torch.Tensor) -> N
     seen_in, seen_out = recorder.inputs, recorder.outputs
     for index, layer in enumerate(layers):
         normed = seen_out[f"{index}.input_norm"]
-        assert _is_norm(get_path(layer, architecture.input_norm), architecture.norm_kind)
+        assert _is_norm(layer.get_submodule(architecture.input_norm), architecture.norm_kind)
         torch.testing.assert_close(seen_in[f"{index}.attention"], normed)
         for field in ("query", "key", "value"):
             if getattr(architecture, field):
@@ -145,11 +147,11 @@ def assert_paths_carry_what_their_names_say(model, input_ids: torch.Tensor) -> N
         if architecture.out_proj:
             torch.testing.assert_close(seen_out[f"{index}.attention"], seen_out[f"{index}.out_proj"])
         mlp_input = seen_out[f"{index}.post_attention_norm"]
-        assert _is_norm(get_path(layer, architecture.post_attention_norm), architecture.norm_kind)
+        assert _is_norm(layer.get_submodule(architecture.post_attention_norm), architecture.norm_kind)
         assert architecture.up_proj
         for path in architecture.up_proj:
             torch.testing.assert_close(seen_in[f"{index}.{path}"], mlp_input)
-        down = get_path(layer, architecture.down_proj)
+        down = layer.get_submodule(architecture.down_proj)
         assert isinstance(down, (nn.Linear, Conv1D))
         down_in = seen_in[f"{index}.down_proj"].shape[-1]
         assert weight_out_in(down).shape == (hidden_size, down_in)
@@ -158,7 +160,7 @@ def assert_paths_carry_what_their_names_say(model, input_ids: torch.Tensor) -> N
             torch.testing.assert_close(seen_out[f"{index}.mlp"], seen_out[f"{index}.down_proj"])
         if index < len(layers) - 1:  # transformers' last hidden state is after the final norm
             torch.testing.assert_close(seen_out[f"{index}.layer"], hidden_states[index + 1])
-    assert _is_norm(get_path(model, architecture.final_norm), architecture.norm_kind)
+    assert _is_norm(model.get_submodule(architecture.final_norm), architecture.norm_kind)
     torch.testing.assert_close(seen_in["final_norm"], seen_out[f"{len(layers) - 1}.layer"])
     torch.testing.assert_close(seen_out["final_norm"], hidden_states[-1])
 
@@ -172,7 +174,7 @@ def test_falcon_layouts_resolve_to_the_norms_they_have(name):
 
 def test_gpt2_down_projection_is_a_transposed_conv1d():
     model = tiny_model("gpt2")
-    down = get_path(decoder_layers(model)[0], architecture_of(model).down_proj)
+    down = decoder_layers(model)[0].get_submodule(architecture_of(model).down_proj)
     assert isinstance(down, Conv1D) and down.weight.shape == (4 * HIDDEN, HIDDEN)  # [in, out]
     x = torch.randn(3, 4 * HIDDEN)
     torch.testing.assert_close(down(x), x @ weight_out_in(down).T + down.bias)

@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from massquant.cli.main import main
 from massquant.data.text import load_text
 from massquant.evaluation.perplexity import PerplexityConfig, build_windows, perplexity
-from massquant.massive.locate import LocateConfig, locate
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig
 from massquant.mitigations import Mitigation, _REGISTRY, register_mitigation
 from massquant.models.architectures import ARCHITECTURES, architecture_of
 from massquant.models.loading import ModelConfig, load_model

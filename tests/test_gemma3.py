@@ -15,7 +15,8 @@ import torch
 
 from massquant.cli.main import main
 from massquant.data.calibration import calibration_batch
-from massquant.massive.locate import LocateConfig, locate
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig
 from massquant.models.architectures import architecture_of
 from tests.conftest import decoder_layer_outputs
 from tests.test_architectures import assert_paths_carry_what_their_names_say

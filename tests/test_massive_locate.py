@@ -21,10 +21,10 @@ from massquant.data.calibration import calibration_batch
 from massquant.errors import UserError
 from massquant.massive import MassiveCriteria
 from massquant.massive.intervene import zero_super_weights
-from massquant.massive.locate import (
-    LocateConfig, attention_sink_share, entries_above, excess_kurtosis, format_ranges, gram_entropy, largest,
-    layer_output, locate, magnitude_profile, median_magnitude, outlier_summary, power_sums, row_magnitudes,
-)
+from massquant.massive.locate import locate
+from massquant.massive.observers import attention_sink_share, layer_output
+from massquant.massive.report import LocateConfig, format_ranges, outlier_summary
+from massquant.massive.statistics import entries_above, excess_kurtosis, gram_entropy, largest, magnitude_profile, median_magnitude, power_sums, row_magnitudes
 from massquant.massive.plots import load_activations, write_plots
 from massquant.massive.super_weights import DEFAULT_PROMPT, find_super_weights, spike_super_weight
 from massquant.models.loading import load_model

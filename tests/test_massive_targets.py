@@ -11,7 +11,8 @@ import torch
 from massquant.errors import UserError
 from massquant.massive import MassiveCriteria, MassivePolicy, check_target
 from massquant.massive.intervene import InterventionCounts, intervene_targets
-from massquant.massive.locate import LocateConfig, locate
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig
 from massquant.massive.sites import MassiveSite, MassiveSites
 from massquant.massive.targets import residual_targets
 from massquant.models.architectures import decoder_layers

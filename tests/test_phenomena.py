@@ -13,7 +13,9 @@ import torch
 from massquant.data.calibration import calibration_batch
 from massquant.errors import UserError
 from massquant.massive import MassiveCriteria
-from massquant.massive.locate import LocateConfig, criterion_cutoff, largest, locate, magnitude_profile
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig
+from massquant.massive.statistics import criterion_cutoff, largest, magnitude_profile
 from massquant.massive.phenomena import (
     LayerProfiles, blind_spots, describe_blind_spots, group_phenomena, is_delimiter, merge_runs, token_class,
 )

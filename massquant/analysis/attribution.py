@@ -152,7 +152,8 @@ def restricted(spec, include: tuple[str, ...]):
 
 def massive_carriers(model, windows, tokenizer, criteria) -> set[tuple[int, int]]:
     """(window, position) pairs with a massive activation in any decoder layer's output (locate's sites)."""
-    from massquant.massive.locate import LocateConfig, locate
+    from massquant.massive.locate import locate
+    from massquant.massive.report import LocateConfig
 
     report = locate(model, windows.input_ids, LocateConfig(criteria=criteria), tokenizer=tokenizer)
     return {(site.sequence, site.position) for site in report.massive.sites}

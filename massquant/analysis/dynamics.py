@@ -77,7 +77,9 @@ def fit_trajectory(steps, values) -> dict:
 
 def step_statistics(model, input_ids, attention: bool = True) -> list[dict]:
     """Per decoder layer, the ``STATISTICS`` of ``model`` on ``input_ids`` [sequences, tokens] (locate, no grad)."""
-    from massquant.massive.locate import LocateConfig, attention_probabilities_available, locate
+    from massquant.massive.locate import locate
+    from massquant.massive.observers import attention_probabilities_available
+    from massquant.massive.report import LocateConfig
 
     training = model.training
     model.eval()

@@ -34,7 +34,9 @@ from massquant.cli.common import ArgumentParser, positive_int
 from massquant.data.text import DEFAULT_TEXT, load_text, text_fingerprint
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import PerplexityConfig, build_windows, perplexity
-from massquant.massive.locate import LocateConfig, locate, run_without_logits
+from massquant.massive.locate import locate
+from massquant.massive.observers import run_without_logits
+from massquant.massive.report import LocateConfig
 from massquant.models.loading import DEFAULT_MODEL, load_model, max_sequence_length
 from massquant.quantizers.spec import parse_spec
 from massquant.reporting.results import ensure_writable_dir, environment, write_json_atomic

@@ -11,7 +11,10 @@ from massquant.options import settings
 from massquant.errors import UserError
 from massquant.evaluation.perplexity import _bos_to_prepend
 from massquant.massive import MassiveCriteria
-from massquant.massive.locate import LocateConfig, attention_probabilities_available, layer_output, locate, reference_name
+from massquant.massive.locate import locate
+from massquant.massive.observers import attention_probabilities_available, layer_output
+from massquant.massive.report import LocateConfig
+from massquant.massive.statistics import reference_name
 from massquant.massive.phenomena import describe_blind_spots, merge_runs
 from massquant.massive.plots import save_activations, write_plots
 from massquant.models.architectures import decoder_layers

@@ -20,7 +20,9 @@ from massquant.errors import UserError
 from massquant.evaluation.perplexity import TokenWindows, perplexity
 from massquant.massive import MassiveCriteria, MassivePolicy
 from massquant.massive.intervene import InterventionCounts, describe_targets, intervene_targets, mean_tables
-from massquant.massive.locate import LocateConfig, attention_probabilities_available, locate
+from massquant.massive.locate import locate
+from massquant.massive.observers import attention_probabilities_available
+from massquant.massive.report import LocateConfig
 from massquant.massive.phenomena import typical_cutoff
 from massquant.massive.sinks import attention_share_on, sink_positions
 from massquant.massive.targets import residual_targets

@@ -8,7 +8,8 @@ import torch
 
 from massquant.evaluation.perplexity import TokenWindows, perplexity
 from massquant.evaluation.tasks import TaskSuite, task_deltas
-from massquant.massive.locate import LocateConfig, locate, outlier_summary
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig, outlier_summary
 from massquant.variants import Variant, apply_variant
 
 # Windows located per unquantized row when mitigations are compared: enough for stable maxima and kurtosis,

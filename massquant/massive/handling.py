@@ -38,11 +38,12 @@ from massquant.massive.intervene import (
     InterventionCounts, TokenIds, describe_targets, down_projection, intervene_targets, mean_tables,
     set_super_weights, site_counts,
 )
-from massquant.massive.locate import LocateConfig, locate
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig
 from massquant.massive.sites import MassiveSites, SuperWeight
 from massquant.massive.super_weights import find_super_weights
 from massquant.massive.targets import kept_channel, linear_input_channels, residual_reader_groups, residual_targets
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import architecture_of, decoder_layers
 from massquant.quantizers.tensors import KeepRule
 from massquant.wrapping.modules import QuantLinear
 from massquant.wrapping.quantize import calibrate
@@ -119,7 +120,7 @@ def keep_rules(
     rules = {}
     for index, layer in enumerate(decoder_layers(model)):
         for path in (*readers, down_proj):
-            module = get_path(layer, path)
+            module = layer.get_submodule(path)
             channels = channels_at(index, path)
             if module in quantized and channels:
                 rules[module] = KeepRule(criteria.abs_threshold, criteria.median_ratio, tuple(sorted(channels)))

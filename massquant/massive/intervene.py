@@ -24,7 +24,7 @@ from torch import Tensor
 from massquant.massive import MassiveCriteria
 from massquant.massive.sites import MassiveSites, SuperWeight
 from massquant.models.architectures import (
-    architecture_of, decoder_layers, get_path, layer_hidden, weight_out_in, with_layer_hidden,
+    architecture_of, decoder_layers, layer_hidden, weight_out_in, with_layer_hidden,
 )
 from massquant.quantizers.functional import outlier_cutoff, outlier_mask
 from massquant.wrapping.padding import attach_padding_mask, real_tokens
@@ -288,7 +288,7 @@ def describe_targets(targets: list[ResidualTarget]) -> str:
 def down_projection(model, layer: int) -> torch.nn.Module:
     """The module whose weight the down projection applies: a mitigation that wraps the linear (an online
     Hadamard rotation) exposes it as ``linear``, and only the inner module's input meets that weight."""
-    module = get_path(decoder_layers(model)[layer], architecture_of(model).down_proj)
+    module = (decoder_layers(model)[layer]).get_submodule(architecture_of(model).down_proj)
     while isinstance(getattr(module, "linear", None), torch.nn.Module):
         module = module.linear
     return module

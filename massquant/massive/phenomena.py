@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from massquant.massive.sites import MassiveSite
+from massquant.massive.report import format_ranges
 
 TOKEN_CLASSES = ("first", "delimiter", "other")
 EXAMPLES = 3  # token texts shown per class
@@ -86,8 +87,6 @@ def group_phenomena(sites: list[MassiveSite], bos_token: str | None = None) -> l
     ``values`` (sites), ``carriers``, ``sequences``. ``bos_token``: the
     tokenizer's BOS text, to call a first token BOS only when it is one.
     """
-    from massquant.massive.locate import format_ranges  # locate imports this module
-
     cells: dict[tuple[int, str], list[MassiveSite]] = {}
     for site in sites:
         cells.setdefault((site.channel, token_class(site.position, site.token)), []).append(site)

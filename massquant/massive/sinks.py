@@ -15,9 +15,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from massquant.errors import UserError
-from massquant.massive.locate import _as_batch, _eager_name, _runs_eager, attention_probabilities_available, run_without_logits
+from massquant.massive.observers import as_batch
+from massquant.massive.observers import eager_name, runs_eager, attention_probabilities_available, run_without_logits
 from massquant.massive.phenomena import beyond_typical
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import architecture_of, decoder_layers
 
 
 def sink_positions(report, sequences: int) -> list[list[int]]:
@@ -42,9 +43,9 @@ def attention_share_on(model, input_ids: Tensor, keys: list[list[int]], progress
     """
     if not attention_probabilities_available(model):
         raise UserError(f"{type(model).__name__} cannot switch to eager attention at run time; load it with --attn eager")
-    input_ids = _as_batch(input_ids)
+    input_ids = as_batch(input_ids)
     attention_path = architecture_of(model).attention
-    modules = [get_path(layer, attention_path) for layer in decoder_layers(model)]
+    modules = [layer.get_submodule(attention_path) for layer in decoder_layers(model)]
     sums = [0.0] * len(modules)
     counts = [0] * len(modules)
     current: dict[str, list[int]] = {"keys": []}
@@ -62,8 +63,8 @@ def attention_share_on(model, input_ids: Tensor, keys: list[list[int]], progress
         return hook
 
     previous = model.config._attn_implementation
-    if not _runs_eager(model):
-        model.set_attn_implementation(_eager_name(previous))
+    if not runs_eager(model):
+        model.set_attn_implementation(eager_name(previous))
     handles = [module.register_forward_hook(hook_for(index)) for index, module in enumerate(modules)]
     try:
         for sequence, row in enumerate(tqdm(input_ids, desc="attention on sink tokens", unit="seq", leave=False, disable=not progress)):

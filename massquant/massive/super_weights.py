@@ -14,9 +14,8 @@ from torch import Tensor
 
 from massquant.massive import MassiveCriteria
 from massquant.models.architectures import weight_out_in
-from massquant.massive.locate import (
-    down_projections, host_rows, massive_cutoff, median_magnitude, row_magnitudes, run_without_logits, tokens_by_channels,
-)
+from massquant.massive.observers import down_projections, run_without_logits
+from massquant.massive.statistics import host_rows, massive_cutoff, median_magnitude, row_magnitudes, tokens_by_channels
 from massquant.massive.sites import SuperWeight
 
 # Any text works; this one is plain prose with a delimiter, like the texts spikes were reported on.

@@ -34,10 +34,11 @@ from massquant.errors import UserError
 from massquant.models.passes import run_sequences
 from massquant.massive import DEFAULT_TARGET, MassiveCriteria, target_channel
 from massquant.massive.intervene import ResidualTarget, first_layer_target
-from massquant.massive.locate import entries_above, magnitude_profile, massive_cutoff, run_without_logits, tokens_by_channels
+from massquant.massive.observers import run_without_logits
+from massquant.massive.statistics import entries_above, magnitude_profile, massive_cutoff, tokens_by_channels
 from massquant.massive.phenomena import group_phenomena
 from massquant.massive.sites import MassiveSites
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import architecture_of, decoder_layers
 
 
 def targeted_phenomena(sites: MassiveSites, target: str) -> list[dict]:
@@ -136,7 +137,7 @@ def linear_input_channels(model, calibration: Tensor, criteria: MassiveCriteria,
         return hook
 
     hooks = [
-        (get_path(layer, group[0]), "pre", hook_for((index, group[0])))
+        (layer.get_submodule(group[0]), "pre", hook_for((index, group[0])))
         for index, layer in enumerate(decoder_layers(model)) for group in residual_reader_groups(model)
     ]
     run_sequences(model, calibration, hooks, "linear inputs", progress=progress, forward=run_without_logits)

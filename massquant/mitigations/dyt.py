@@ -34,7 +34,7 @@ from torch import nn
 from massquant.errors import UserError
 from massquant.mitigations import Mitigation
 from massquant.models.passes import run_sequences
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import architecture_of, decoder_layers
 
 MITIGATION = Mitigation(
     name="dyt",
@@ -143,7 +143,7 @@ def fit_norms(model, paths: list[str], affine: dict[str, tuple], calibration: to
     def pick(index: int, sequence: torch.Tensor) -> None:
         rows["current"] = torch.randperm(len(sequence), generator=generator)[:per_sequence].to(device)
 
-    run_sequences(model, calibration, [(get_path(model, path), "forward", recorder(path)) for path in paths], "dyt fit", pick)
+    run_sequences(model, calibration, [(model.get_submodule(path), "forward", recorder(path)) for path in paths], "dyt fit", pick)
     return {path: solve_fit(sums[path], alphas) for path in paths}
 
 
@@ -158,10 +158,10 @@ def surgery(model, params: dict, calibration: torch.Tensor | None = None) -> dic
     check_params(params)
     paths = norm_paths(model)
     hidden_size = model.config.hidden_size
-    affine = {path: probe_affine(get_path(model, path), hidden_size, next(get_path(model, path).parameters())) for path in paths}
+    affine = {path: probe_affine(model.get_submodule(path), hidden_size, next(model.get_submodule(path).parameters())) for path in paths}
     fitted = fit_norms(model, paths, affine, calibration, params["fit_tokens"]) if calibration is not None and params["fit"] else {}
     for path in paths:
-        like = next(get_path(model, path).parameters())
+        like = next(model.get_submodule(path).parameters())
         alpha = fitted[path][0] if path in fitted else params["alpha"]
         new = DynamicTanh(hidden_size, alpha, dtype=like.dtype, device=like.device)
         new.weight.copy_(affine[path][0])

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from massquant.errors import UserError
-from massquant.models.architectures import Architecture, architecture_of, get_path
+from massquant.models.architectures import Architecture, architecture_of
 
 RowMap = Callable[[torch.Tensor], torch.Tensor]  # an orthogonal map of the last dimension, x -> x @ R
 
@@ -69,7 +69,7 @@ def linear_at(layer: nn.Module, path: str | None, mitigation: str) -> nn.Linear:
             f"mitigation '{mitigation}' needs a linear layer that massquant/models/architectures.py does not name "
             "for this architecture (a fused projection?)"
         )
-    module = get_path(layer, path)
+    module = layer.get_submodule(path)
     if not isinstance(module, nn.Linear):
         raise UserError(
             f"mitigation '{mitigation}' needs a plain linear layer at '{path}', found {type(module).__name__}; "

@@ -27,7 +27,7 @@ from torch import nn
 
 from massquant.errors import UserError
 from massquant.mitigations import Mitigation
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import architecture_of, decoder_layers
 from massquant.wrapping.attention import attach_output_transform, attention_modules
 
 MITIGATION = Mitigation(
@@ -77,7 +77,7 @@ def surgery(model, params: dict) -> None:
     arch = architecture_of(model)
     heads = model.config.num_attention_heads
     modules = attention_modules(model)
-    out_projections = [get_path(layer, arch.out_proj) for layer in decoder_layers(model)] if arch.out_proj else []
+    out_projections = [layer.get_submodule(arch.out_proj) for layer in decoder_layers(model)] if arch.out_proj else []
     if not out_projections or not all(isinstance(projection, nn.Linear) for projection in out_projections):
         raise UserError(
             f"mitigation 'gated' needs each attention's output projection to be an nn.Linear; "

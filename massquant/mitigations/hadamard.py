@@ -49,7 +49,7 @@ from massquant.mitigations.folding import (
     Edits, RowMap, as_float64, linear_at, norm_gain, rmsnorm_architecture, rotate_inputs, rotate_outputs, scale_inputs,
     set_norm_gain, untie_output_embeddings,
 )
-from massquant.models.architectures import decoder_layers, get_path
+from massquant.models.architectures import decoder_layers
 
 MITIGATION = Mitigation(
     name="hadamard",
@@ -235,15 +235,15 @@ def _rotate_layer(layer: nn.Module, architecture, rotation: Rotation, params: di
 
     per_head: RowMap = _unchanged
     if params["values"]:  # values (outputs of v_proj) and o_proj's input, head by head
-        head_dim = get_path(layer, architecture.attention).head_dim
+        head_dim = layer.get_submodule(architecture.attention).head_dim
         head_rotation = plain_hadamard(head_dim, params["seed"]).to(rotation.signs.device)
         per_head = functools.partial(_per_head, head_rotation, head_dim)
 
     _fold_and_rotate_readers(
-        get_path(layer, architecture.input_norm), {query: _unchanged, key: _unchanged, value: per_head}, rotation, edits
+        layer.get_submodule(architecture.input_norm), {query: _unchanged, key: _unchanged, value: per_head}, rotation, edits
     )
     _fold_and_rotate_readers(
-        get_path(layer, architecture.post_attention_norm), dict.fromkeys(up_projs, _unchanged), rotation, edits
+        layer.get_submodule(architecture.post_attention_norm), dict.fromkeys(up_projs, _unchanged), rotation, edits
     )
     _set_linear(out_proj, edits, lambda w: rotate_outputs(rotate_inputs(w, per_head), rotation), rotation)
     if not params["down_proj"]:
@@ -252,7 +252,7 @@ def _rotate_layer(layer: nn.Module, architecture, rotation: Rotation, params: di
     online = plain_hadamard(down_proj.in_features, params["seed"]).to(rotation.signs.device)
     _set_linear(down_proj, edits, lambda w: rotate_inputs(rotate_outputs(w, rotation), online), rotation)
     parent_path, _, attribute = architecture.down_proj.rpartition(".")
-    edits.set(get_path(layer, parent_path), attribute, HadamardInput(down_proj, online.left, online.right))
+    edits.set(layer.get_submodule(parent_path), attribute, HadamardInput(down_proj, online.left, online.right))
 
 
 def _per_head(head_rotation, head_dim: int, x: torch.Tensor) -> torch.Tensor:
@@ -278,7 +278,7 @@ def apply(loaded, params: dict, calibration: torch.Tensor | None = None) -> Call
         edits.set_tensor(embeddings, "weight", rotate_inputs(as_float64(embeddings.weight), rotation))  # rows are residual vectors
         for layer in tqdm(decoder_layers(model), desc="hadamard rotation", unit="layer", leave=False):
             _rotate_layer(layer, architecture, rotation.to(_device(layer)), params, edits)
-        _fold_and_rotate_readers(get_path(model, architecture.final_norm), {head: _unchanged}, rotation.to(_device(head)), edits)
+        _fold_and_rotate_readers(model.get_submodule(architecture.final_norm), {head: _unchanged}, rotation.to(_device(head)), edits)
     except BaseException:
         edits.undo()
         raise

@@ -40,10 +40,11 @@ import torch
 from tqdm.auto import tqdm
 
 from massquant.errors import UserError
-from massquant.massive.locate import LocateConfig, locate
+from massquant.massive.locate import locate
+from massquant.massive.report import LocateConfig
 from massquant.massive.phenomena import beyond_typical
 from massquant.mitigations import Mitigation
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import architecture_of, decoder_layers
 from massquant.wrapping.attention import (
     PREPEND_STAGE,
     PrependedKeyValues,
@@ -83,7 +84,7 @@ def token_maxima(model, calibration: torch.Tensor) -> torch.Tensor:
 
         return record
 
-    hooks = [get_path(layer, path).register_forward_pre_hook(recorder(i)) for i, layer in enumerate(layers)]
+    hooks = [layer.get_submodule(path).register_forward_pre_hook(recorder(i)) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
     try:
         for index, row in enumerate(tqdm(calibration, desc="finding outlier tokens", unit="seq", leave=False)):

@@ -33,7 +33,7 @@ from massquant.mitigations.folding import (
     Edits, as_float64, linear_at, norm_gain, rmsnorm_architecture, scale_inputs, scale_outputs, set_norm_gain,
 )
 from massquant.models.passes import run_sequences
-from massquant.models.architectures import decoder_layers, get_path
+from massquant.models.architectures import decoder_layers
 
 PROJECTIONS = ("qkv", "up", "o", "down")
 
@@ -119,18 +119,18 @@ def smoothing_sites(model: nn.Module, projections: tuple[str, ...], alpha: float
         # qkv and up balance against; folded the other way round, those balances would be off
         if "o" in projections:
             value, out_proj = linear_at(layer, architecture.value, name), linear_at(layer, architecture.out_proj, name)
-            head_dim = get_path(layer, architecture.attention).head_dim
+            head_dim = layer.get_submodule(architecture.attention).head_dim
             sites.append(SmoothingSite(out_proj, partial(_smooth_attention_output, value, out_proj, head_dim, alpha)))
         if "down" in projections:
             up, down = linear_at(layer, architecture.linear_up_proj, name), linear_at(layer, architecture.down_proj, name)
             sites.append(SmoothingSite(down, partial(_smooth_down_proj, up, down, alpha)))
         if "qkv" in projections:
             readers = [linear_at(layer, path, name) for path in (architecture.query, architecture.key, architecture.value)]
-            norm = get_path(layer, architecture.input_norm)
+            norm = layer.get_submodule(architecture.input_norm)
             sites.append(SmoothingSite(readers[0], partial(_smooth_norm_readers, norm, readers, alpha)))
         if "up" in projections:
             readers = [linear_at(layer, path, name) for path in architecture.up_proj]
-            norm = get_path(layer, architecture.post_attention_norm)
+            norm = layer.get_submodule(architecture.post_attention_norm)
             sites.append(SmoothingSite(readers[0], partial(_smooth_norm_readers, norm, readers, alpha)))
     return sites
 

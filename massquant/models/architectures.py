@@ -147,7 +147,7 @@ def _first_present(layer: torch.nn.Module, alternatives: str) -> str:
     names = alternatives.split("|")
     for name in names:
         try:
-            get_path(layer, name)
+            layer.get_submodule(name)
         except AttributeError:
             continue
         return name
@@ -162,19 +162,12 @@ def _resolve_alternatives(entry: Architecture, model: torch.nn.Module) -> Archit
     }
     if not listed:
         return entry
-    layer = get_path(model, entry.layers)[0]
+    layer = model.get_submodule(entry.layers)[0]
     return replace(entry, **{name: _first_present(layer, value) for name, value in listed.items()})
 
 
-def get_path(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
-    module = root
-    for name in filter(None, dotted.split(".")):
-        module = getattr(module, name)
-    return module
-
-
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return list(get_path(model, architecture_of(model).layers))
+    return list(model.get_submodule(architecture_of(model).layers))
 
 
 def model_types_with(facts) -> list[str]:
@@ -190,7 +183,7 @@ def weight_out_in(module: torch.nn.Module) -> torch.Tensor:
 def attention_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
     """(query heads, key/value heads, head_dim) of the first decoder layer's attention."""
     config = getattr(model.config, "text_config", None) or model.config
-    attention = get_path(decoder_layers(model)[0], architecture_of(model).attention)
+    attention = decoder_layers(model)[0].get_submodule(architecture_of(model).attention)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads

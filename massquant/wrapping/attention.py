@@ -27,7 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from massquant.errors import UserError
-from massquant.models.architectures import architecture_of, decoder_layers, get_path
+from massquant.models.architectures import architecture_of, decoder_layers
 
 # transform(module, key, value, attention_mask) -> (key, value, attention_mask)
 KVTransform = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple]
@@ -229,7 +229,7 @@ def attach_position_offset(model: torch.nn.Module, offset: int) -> Callable[[], 
 def attention_modules(model) -> list[torch.nn.Module]:
     """Each decoder layer's attention module, in layer order."""
     path = architecture_of(model).attention
-    return [get_path(layer, path) for layer in decoder_layers(model)]
+    return [layer.get_submodule(path) for layer in decoder_layers(model)]
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from massquant.wrapping.selection import select_linears
 from massquant.errors import UserError
 from massquant.models.passes import run_sequences
-from massquant.models.architectures import LINEAR_TYPES, architecture_of, decoder_layers, get_path
+from massquant.models.architectures import LINEAR_TYPES, architecture_of, decoder_layers
 from massquant.quantizers.spec import QuantSpec, parse_spec
 from massquant.wrapping.attention import attach_kv_transform
 from massquant.wrapping.modules import KVQuantizer, QuantLinear, RangeObserver
@@ -99,7 +99,7 @@ def _replace_linears(model, spec: QuantSpec, handle: QuantizationHandle) -> None
 
 def _attach_kv_quantizers(model, spec: QuantSpec, handle: QuantizationHandle) -> None:
     attention_path = architecture_of(model).attention
-    modules = [get_path(layer, attention_path) for layer in decoder_layers(model)]
+    modules = [layer.get_submodule(attention_path) for layer in decoder_layers(model)]
     handle.kv_quantizers = [KVQuantizer(spec.kv_cache) for _ in modules]
     handle._undo_steps.append(attach_kv_transform(model, modules, lambda index, _: handle.kv_quantizers[index]))
 
