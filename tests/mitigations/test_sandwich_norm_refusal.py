@@ -10,7 +10,7 @@ from massquant.cli.main import main
 def test_a_recipe_mixing_llama_and_gemma3_runs_every_row_but_gemma_hadamard(
     tmp_path_factory, tiny_llama_dir, tiny_text_file, tmp_path, capsys
 ):
-    from tests.test_robustness import make_tiny_gemma3
+    from tests.integration.test_robustness import make_tiny_gemma3
 
     gemma, _ = make_tiny_gemma3(tmp_path_factory)
     recipe = tmp_path / "mixed.yaml"
@@ -31,7 +31,7 @@ def test_a_recipe_mixing_llama_and_gemma3_runs_every_row_but_gemma_hadamard(
 
 
 def test_hadamard_alone_on_gemma3_is_refused_before_the_weights_load(tmp_path_factory, tiny_text_file, monkeypatch, capsys):
-    from tests.test_robustness import make_tiny_gemma3
+    from tests.integration.test_robustness import make_tiny_gemma3
     import massquant.cli.eval as eval_command
 
     gemma, _ = make_tiny_gemma3(tmp_path_factory)

@@ -15,7 +15,7 @@ from massquant.evaluation.layer_errors import layer_errors
 from massquant.models.loading import load_model
 from massquant.quantizers.spec import parse_spec
 from tests.conftest import run_cli
-from tests.test_cli_foundation import assert_one_line_error
+from tests.integration.test_cli_foundation import assert_one_line_error
 
 CHECKED_LAYER = "model.layers.1.mlp.down_proj"
 

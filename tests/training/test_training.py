@@ -26,7 +26,7 @@ from massquant.training.surgery import apply_surgery, recorded_choices, training
 from massquant.wrapping.quantize import quantize_
 from tests.conftest import TRAINING_TEXT
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("train-*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("train-*.yaml"))
 SCRATCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
 
 

@@ -31,7 +31,7 @@ def test_grid_marks_what_cannot_run_and_runs_the_rest(tiny_llama_dir, tiny_text_
 
 
 def test_a_mitigation_for_another_architecture_is_a_row_not_an_abort(tmp_path_factory, tiny_text_file, tmp_path, capsys):
-    from tests.test_robustness import make_tiny_gemma3
+    from tests.integration.test_robustness import make_tiny_gemma3
 
     gemma, _ = make_tiny_gemma3(tmp_path_factory)
     code, _, err = _run(

@@ -17,7 +17,7 @@ from massquant.wrapping.attention import attach_kv_transform
 from massquant.wrapping.modules import QuantLinear
 from massquant.wrapping.quantize import quantize_
 from tests.conftest import run_cli
-from tests.test_architectures import tiny_model
+from tests.models.test_architectures import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from massquant.massive.locate import locate
 from massquant.massive.report import LocateConfig
 from massquant.models.architectures import architecture_of
 from tests.conftest import decoder_layer_outputs
-from tests.test_architectures import assert_paths_carry_what_their_names_say
+from tests.models.test_architectures import assert_paths_carry_what_their_names_say
 
 
 def test_alias_is_the_real_gemma3_270m(gemma3):

@@ -12,7 +12,7 @@ from massquant.models.loading import load_model
 from massquant.quantizers.spec import parse_spec
 from massquant.quantizers.tensors import quantize_weight
 from massquant.wrapping.quantize import quantize_
-from tests.test_architectures import tiny_model
+from tests.models.test_architectures import tiny_model
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

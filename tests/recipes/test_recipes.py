@@ -24,7 +24,7 @@ from massquant.recipes.schema import expand, load_recipe, recipe_from_mapping
 from massquant.variants import Variant
 from tests.conftest import TRAINING_TEXT, make_tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "recipes" / "formats.yaml"
 
 
