@@ -23,17 +23,17 @@ from dataclasses import replace
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from massquant.massive.phenomena import LayerProfiles, blind_spots, group_phenomena
-from massquant.massive.sites import MassiveSites
 from massquant.massive.observers import (
     DownProjectionObserver, ResidualStreamObserver, as_batch, attention_sink_share, down_projections, run_without_logits,
 )
-from massquant.massive.report import LayerStats, LocateConfig, LocateReport, with_tokens, token_counts
+from massquant.massive.phenomena import LayerProfiles, blind_spots, group_phenomena
+from massquant.massive.report import LayerStats, LocateConfig, LocateReport, token_counts, with_tokens
+from massquant.massive.sites import MassiveSites
 from massquant.massive.statistics import excess_kurtosis, reference_name, tokens_by_channels
 from massquant.massive.super_weights import SuperWeightTracker
 from massquant.models.architectures import decoder_layers, layer_hidden
+from massquant.models.passes import run_sequences
 
 
 def _mean(values: list[float]) -> float:
@@ -88,15 +88,11 @@ def locate(
             tokens_by_channels(args[0]), tokens_by_channels(output), current["sequence"]
         )
 
-    handles = [layer.register_forward_hook(residual_hook(stream)) for layer, stream in zip(layers, residuals)]
-    handles += [module.register_forward_hook(down_hook(down)) for module, down in zip(projections, downs)]
-    try:
-        for sequence in tqdm(range(len(input_ids)), desc="locate", unit="seq", leave=False, disable=not progress):
-            current["sequence"] = sequence
-            run_without_logits(model, input_ids[sequence : sequence + 1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(layer, "forward", residual_hook(stream)) for layer, stream in zip(layers, residuals)]
+    hooks += [(module, "forward", down_hook(down)) for module, down in zip(projections, downs)]
+    run_sequences(
+        model, input_ids, hooks, "locate", lambda sequence, _: current.update(sequence=sequence), progress, run_without_logits,
+    )
 
     token_ids = input_ids.tolist()
     sites = with_tokens([site for stream in residuals for site in stream.sites], token_ids, tokenizer)

@@ -9,15 +9,18 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from massquant.errors import UserError
 from massquant.massive.intervene import down_projection
 from massquant.massive.sites import MassiveSite
-from massquant.models.architectures import architecture_of, decoder_layers, layer_hidden, weight_out_in
-from massquant.wrapping.attention import PREFIX as ATTENTION_PREFIX
 from massquant.massive.report import LocateConfig, Peak
-from massquant.massive.statistics import channel_magnitudes, criterion_cutoff, entries_above, gram_entropy, host_rows, keep_largest, largest, magnitude_profile, massive_cutoff, median_magnitude, power_sums, ratio_to, row_magnitudes, token_norms, tokens_by_channels
+from massquant.massive.statistics import (
+    channel_magnitudes, criterion_cutoff, entries_above, gram_entropy, host_rows, keep_largest, largest, magnitude_profile,
+    massive_cutoff, median_magnitude, power_sums, ratio_to, row_magnitudes, token_norms, tokens_by_channels,
+)
+from massquant.models.architectures import architecture_of, decoder_layers, layer_hidden, weight_out_in
+from massquant.models.passes import run_sequences
+from massquant.wrapping.attention import PREFIX as ATTENTION_PREFIX
 
 
 def as_batch(input_ids: Tensor) -> Tensor:
@@ -158,13 +161,10 @@ def attention_sink_share(model, input_ids: Tensor, progress: bool = True) -> lis
     previous = model.config._attn_implementation
     if not runs_eager(model):
         model.set_attn_implementation(eager_name(previous))
-    handles = [module.register_forward_hook(hook_for(index)) for index, module in enumerate(modules)]
     try:
-        for sequence in tqdm(input_ids, desc="attention on the first token", unit="seq", leave=False, disable=not progress):
-            run_without_logits(model, sequence[None])
+        hooks = [(module, "forward", hook_for(index)) for index, module in enumerate(modules)]
+        run_sequences(model, input_ids, hooks, "attention on the first token", progress=progress, forward=run_without_logits)
     finally:
-        for handle in handles:
-            handle.remove()
         if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
     return [(total / len(input_ids)).tolist() for total in totals]
