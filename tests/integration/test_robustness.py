@@ -48,9 +48,9 @@ CASES = [
     BadInput("static weights", [*EVAL, "--spec", "w8-static"], "weights are always quantized once"),
     BadInput("percentile out of range", [*EVAL, "--spec", "a8-p150"], "percentile"),
     BadInput("group size not dividing (torchao)", [*EVAL, "--spec", "w4g48", "--backend", "torchao"], "group size"),
-    BadInput("unknown backend", [*EVAL, "--spec", "w8", "--backend", "tensorrt"], "unknown backend"),
-    BadInput("unknown massive policy", [*EVAL, "--spec", "w8a8", "--massive", "shrink"], "unknown massive policy"),
-    BadInput("bad massive ratio", [*EVAL, "--spec", "w8a8", "--massive", "keep", "--massive-ratio", "0.5"], "median_ratio"),
+    BadInput("unknown backend", [*EVAL, "--spec", "w8", "--backend", "tensorrt"], "--backend: unknown value 'tensorrt'; accepted: fake, bnb"),
+    BadInput("unknown massive policy", [*EVAL, "--spec", "w8a8", "--massive", "shrink"], "--massive: unknown value 'shrink'; accepted: none, keep"),
+    BadInput("bad massive ratio", [*EVAL, "--spec", "w8a8", "--massive", "keep", "--massive-ratio", "0.5"], "--massive-ratio: expected a number >= 1; got 0.5"),
     BadInput("unknown mitigation", [*EVAL, "--mitigation", "quarot"], "unknown mitigation"),
     BadInput("mitigation parameter typo", [*EVAL, "--mitigation", "smoothquant:alfa=0.5"], "did you mean 'alpha'"),
     BadInput("mitigation parameter type", [*EVAL, "--mitigation", "smoothquant:alpha=high"], "expects a number"),
@@ -219,7 +219,7 @@ IN_PROCESS_CASES = [
     BadInput("KV group wider than head_dim", ["eval", "--model", "{broken_llama}", "--data", TEXT, "--spec", "kv8g64", "--out", "o"], "kv8g64"),
     BadInput("mx block not dividing the width", ["eval", "--model", "{broken_llama}", "--data", TEXT, "--spec", "wmxfp4g48"], "mxfp4"),
     BadInput("mitigation for another architecture", ["eval", "--model", "{gemma_broken}", "--data", TEXT, "--mitigation", "hadamard"], "hadamard"),
-    BadInput("recipe spec no layer can take", ["run", "r.yaml", "--out", "o"], "w4g128", {"r.yaml": GRID + "specs: [w4]\n"}),
+    BadInput("recipe spec no layer can take", ["run", "r.yaml", "--out", "o"], "w4g128", {"r.yaml": GRID + "spec: [w4]\n"}),
     BadInput("errors: group wider than every layer", ["errors", "--model", "{broken_llama}", "--data", TEXT, "--spec", "w8g1024"], "w8g1024"),
     BadInput("errors: static activations", ["errors", "--model", TINY, "--data", TEXT, "--spec", "w8a8-static"], "static"),
     BadInput("locate: layer out of range", ["locate", "--model", "{broken_llama}", "--data", TEXT, "--layer", "7"], "does not exist"),
@@ -230,7 +230,7 @@ IN_PROCESS_CASES = [
     BadInput("lm-eval: spec no layer can take", [*LM_EVAL, "pretrained={broken_llama},spec=w8g1024"], "w8g1024"),
     # lm-eval model_args held to eval's standard, before lm-eval starts
     BadInput("lm-eval: negative calibration samples", [*LM_EVAL, "pretrained={tiny},calib_samples=-1,spec=w8a8-static"], "calib_samples"),
-    BadInput("lm-eval: unknown dtype", [*LM_EVAL, "pretrained={tiny},dtype=float64"], "unknown dtype"),
+    BadInput("lm-eval: unknown dtype", [*LM_EVAL, "pretrained={tiny},dtype=float64"], "dtype: unknown value 'float64'"),
     BadInput("lm-eval: seed out of range", [*LM_EVAL, "pretrained={tiny},seed=-5"], "seed"),
     BadInput("lm-eval: negative max_length", [*LM_EVAL, "pretrained={tiny},max_length=-1"], "max_length"),
     # recipes as files a user can write
@@ -241,10 +241,10 @@ IN_PROCESS_CASES = [
     BadInput("recipe batch size a string", ["run", "r.yaml"], "batch_size", {"r.yaml": "kind: grid\nbatch_size: 1e3\n"}),
     BadInput("recipe negative seed", ["run", "r.yaml"], "seed", {"r.yaml": GRID + "seed: -1\n"}),
     BadInput("recipe zero calibration samples", ["run", "r.yaml"], "calib_samples", {"r.yaml": GRID + "calib_samples: 0\n"}),
-    BadInput("recipe model dtype", ["run", "r.yaml"], "unknown dtype", {"r.yaml": GRID.replace("['{tiny}']", "[{{model: '{tiny}', dtype: float64}}]")}),
+    BadInput("recipe model dtype", ["run", "r.yaml"], "model: dtype: unknown value 'float64'", {"r.yaml": GRID.replace("['{tiny}']", "[{{model: '{tiny}', dtype: float64}}]")}),
     BadInput("train recipe not UTF-8", ["train", "t.yaml"], "not UTF-8", {"t.yaml": b"model: \xff\n"}),
     BadInput("train recipe negative size", ["train", "t.yaml"], "does not make a model", {"t.yaml": TRAIN + "from_scratch: {{hidden_size: -8}}\n"}),
-    BadInput("train recipe zero steps", ["train", "t.yaml"], "train.steps", {"t.yaml": TRAIN.replace("steps: 1", "steps: 0")}),
+    BadInput("train recipe zero steps", ["train", "t.yaml"], "train: steps: expected a positive integer", {"t.yaml": TRAIN.replace("steps: 1", "steps: 0")}),
     BadInput("train recipe huge calibration", ["train", "t.yaml"], "calib_samples", {"t.yaml": TRAIN + "calib_samples: 100000000\n"}),
     # saved results of another shape
     BadInput("compare: foreign JSON", ["compare", "x.json"], "not a result file", {"x.json": b'{"command": "run", "rows": {"a": 1}}'}),
@@ -254,7 +254,7 @@ IN_PROCESS_CASES = [
     # numbers a user can type
     BadInput("seed overflowing", [*EVAL, "--seed", str(2**64)], "seed"),
     BadInput("calibration samples overflowing", [*EVAL, "--spec", "a8-static", "--calib-samples", str(10**12)], "at most"),
-    BadInput("negative bnb threshold", [*EVAL, "--spec", "w8", "--bnb-threshold", "-1"], "finite number"),
+    BadInput("negative bnb threshold", [*EVAL, "--spec", "w8", "--bnb-threshold", "-1"], "--bnb-threshold: expected a number >= 0"),
     BadInput("zero group size", [*EVAL, "--bits", "4", "--group-size", "0"], "positive integer"),
 ]
 
