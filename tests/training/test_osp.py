@@ -101,3 +101,19 @@ def test_muon_training_from_scratch_lowers_the_loss_and_the_checkpoint_reloads_i
     assert torch.equal(logits(load_model(model=str(tmp_path)).model, ids), expected)
     remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     assert torch.equal(logits(remote, ids), expected)
+
+
+def test_train_table_shows_excess_kurtosis_and_max_abs_on_the_unquantized_rows():
+    from massquant.cli.train import summary
+
+    payload = {
+        "mitigation": "ssnorm+embproj", "recipe": {"train": {"optimizer": "muon"}}, "checkpoint": "ck",
+        "training": {"history": [{}] * 3, "tokens_per_step": 8, "seconds": 1.0, "first_loss": 5.0, "final_loss": 4.0},
+        "massive": {"after": {"max_abs": 12.5, "mean_kurtosis": 0.375}},
+        "rows": [{"stage": "after", "spec": "fp", "config": "fp", "ppl": 10.0, "delta_ppl": 0.0},
+                 {"stage": "after", "spec": "w8a8-tensor", "config": "w8a8-tensor", "ppl": 11.0, "delta_ppl": 1.0}],
+    }
+    text = summary(payload, "github")
+    assert "ssnorm+embproj (muon): 3 steps" in text and "excess kurtosis" in text
+    fp, quantized = [line for line in text.splitlines() if "| after" in line]
+    assert "12.5" in fp and "0.375" in fp and "12.5" not in quantized and "0.375" not in quantized
