@@ -27,8 +27,9 @@ def add_arguments(parser) -> None:
 
 def summary(payload: dict, table_format: str) -> str:
     rows = [
-        {**row, "max_abs": payload["massive"].get(row["stage"], {}).get("max_abs") if row["spec"] == "fp" else None}
+        {**row, "max_abs": located.get("max_abs"), "kurtosis": located.get("mean_kurtosis")}
         for row in payload["rows"]
+        for located in [payload["massive"].get(row["stage"], {}) if row["spec"] == "fp" else {}]
     ]
     lines = [training_line(payload)]
     if "dynamics" in payload:

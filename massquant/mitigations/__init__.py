@@ -46,7 +46,7 @@ from massquant.errors import UserError
 from massquant.models.architectures import FACTS, architecture_of, model_types_with
 
 KINDS = ("post-hoc", "training")
-_MODULES = ("kv_bias", "prefix_kv", "hadamard", "smoothquant", "tvr", "dyt", "gated_attention")
+_MODULES = ("kv_bias", "prefix_kv", "hadamard", "smoothquant", "tvr", "dyt", "gated_attention", "ssnorm", "embproj")
 
 
 class PostHoc(Protocol):

@@ -119,7 +119,10 @@ RUN = declare(
 TRAIN = declare(
     "train", "training (massquant train recipes)",
     Option("steps", int, 100, "optimizer steps", **COUNT),
-    Option("lr", float, 5e-5, "peak learning rate (AdamW)", low=1e-12),
+    Option("optimizer", str, "adamw", "adamw: AdamW for every parameter; muon: Muon (torch.optim.Muon, RMS matched to AdamW) "
+           "for the 2-D hidden matrices and AdamW for embeddings, output head, norms and scalars (as OSP, Park et al. 2025)",
+           choices=("adamw", "muon")),
+    Option("lr", float, 5e-5, "peak learning rate (AdamW, and Muon's through its AdamW-matched RMS)", low=1e-12),
     Option("min_lr_ratio", float, 0.1, "where cosine/linear decay ends, as a fraction of lr", low=0, high=1),
     Option("warmup_steps", int, 10, "linear warm-up steps", low=0, high=MAX_SIZE),
     Option("schedule", str, "cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant")),

@@ -91,6 +91,7 @@ TRAIN_COLUMNS = {
     "ppl": "perplexity",
     "delta_ppl": "Δppl vs fp",
     "max_abs": "max|a|",
+    "kurtosis": "excess kurtosis (layer mean)",
 }
 
 
@@ -98,7 +99,7 @@ def training_line(payload: dict) -> str:
     """One line on what training did: steps, tokens, time, first and last loss, where the checkpoint is."""
     training = payload["training"]
     return (
-        f"{payload['mitigation']}: {len(training['history'])} steps of {training['tokens_per_step']} tokens in "
+        f"{payload['mitigation']} ({payload['recipe']['train'].get('optimizer', 'adamw')}): {len(training['history'])} steps of {training['tokens_per_step']} tokens in "
         f"{training['seconds']:.0f} s, loss {format_cell(training['first_loss'])} -> {format_cell(training['final_loss'])}; "
         f"checkpoint: {payload['checkpoint']}"
     )

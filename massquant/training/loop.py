@@ -1,4 +1,4 @@
-"""The training loop: plain PyTorch AdamW on next-token loss, warm-up then cosine/linear decay, clipping.
+"""The training loop: plain PyTorch AdamW (or Muon for hidden matrices) on next-token loss, warm-up then cosine/linear decay, clipping.
 
 Deterministic for a seed: the batch order comes from a seeded generator and
 nothing else draws random numbers (no dropout in the supported models).
@@ -60,13 +60,24 @@ def training_windows(tokenizer, text: str, settings: TrainSettings, skip_tokens:
     return usable
 
 
-def _optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
+def _optimizers(model, settings: TrainSettings) -> list[torch.optim.Optimizer]:
+    """AdamW over every trainable parameter, or (``optimizer: muon``) Muon over the 2-D hidden matrices and AdamW
+    over the rest: input embedding, output head, norms, biases, scalars (Park et al. 2025, OSP, after Jordan et al.).
+
+    Muon uses Moonshot's ``match_rms_adamw`` step size, so one ``lr`` and ``weight_decay`` serve both. Weight
+    decay applies to matrices only."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    hidden = [p for p in trainable if p.ndim == 2 and id(p) not in embeddings] if settings.optimizer == "muon" else []
+    muon_ids = {id(p) for p in hidden}
     groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": settings.weight_decay},
+        {"params": [p for p in trainable if p.ndim >= 2 and id(p) not in muon_ids], "weight_decay": settings.weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    optimizers = [torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, betas=(settings.beta1, settings.beta2))]
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=settings.lr, weight_decay=settings.weight_decay, adjust_lr_fn="match_rms_adamw"))
+    return optimizers
 
 
 def train(
@@ -80,14 +91,14 @@ def train(
     after that (the statistics of ``record_every``).
     """
     device = next(model.parameters()).device
-    optimizer = _optimizer(model, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
+    optimizers = _optimizers(model, settings)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings)) for optimizer in optimizers]
     order = batch_order(len(windows), settings.batch_size, settings.steps, torch.Generator().manual_seed(settings.seed))
     step_hooks = [
         (choice, hook) for choice in choices
         if (hook := get_mitigation(choice.name).hook("on_step")) is not None
     ]
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    trainable = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
     history = []
     model.train()
     try:
@@ -99,13 +110,15 @@ def train(
                 loss = token_nll(logits[:, :-1].float(), batch[:, 1:]).mean()
                 if not torch.isfinite(loss):
                     raise UserError(f"training diverged at step {step} (loss {float(loss)}); lower train.lr or raise warmup_steps")
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 clip = settings.grad_clip if settings.grad_clip > 0 else math.inf
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
+                lr = optimizers[0].param_groups[0]["lr"]
+                for optimizer, scheduler in zip(optimizers, schedulers):
+                    optimizer.step()
+                    scheduler.step()
                 record = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm}
                 for choice, hook in step_hooks:
                     event = hook(model, choice.params, step)

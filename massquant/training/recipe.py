@@ -28,6 +28,7 @@ class TrainSettings:
     bos: str = "auto"
     seed: int = 0
     steps: int = 100
+    optimizer: str = "adamw"
     lr: float = 5e-5
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
