@@ -40,7 +40,6 @@ class Option:
     metavar: str | None = None
     split: bool = True  # many: comma-separated values; False where the value's own syntax uses commas
 
-
     @property
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
