@@ -127,19 +127,23 @@ def check_option_values(values) -> ModelConfig | None:
     return config
 
 
-def check_model_args(arguments: dict) -> None:
+def check_model_args(arguments: dict) -> tuple[SimpleNamespace, ModelConfig | None, Variant, str]:
     """Everything in model_args that can be wrong, checked before lm-eval starts and before the model loads:
-    keys, values and their ranges, and the variant against the model's config and shapes."""
+    keys, values and their ranges, and the variant against the model's config and shapes.
+
+    Returns what the checks built: the option values, the loading config (None for a loaded model), the
+    variant and the BOS policy."""
     from massquant.validation import Plan, not_applicable, require_runnable
 
     values = model_options(arguments)
     config = check_option_values(values)
     variant = variant_from_options(values)
-    bos_policy(values.bos, values.add_bos_token)
+    policy = bos_policy(values.bos, values.add_bos_token)
     if config is not None:
         Plan(config, [variant])
     else:
         require_runnable([variant], not_applicable(values.pretrained, [variant]))
+    return values, config, variant, policy
 
 
 def bos_policy(bos: str, add_bos_token: bool | None) -> str:
@@ -178,11 +182,8 @@ class MassquantLM(InvariantHFLM):
     """
 
     def __init__(self, pretrained: str | LoadedModel = DEFAULT_MODEL, **model_args) -> None:
-        check_model_args({"pretrained": pretrained, **model_args})  # the one validation pass, before loading
-        values = model_options({"pretrained": pretrained, **model_args})
-        variant = variant_from_options(values)
-        policy = bos_policy(values.bos, values.add_bos_token)
-        config = check_option_values(values)
+        # the one validation pass, before loading
+        values, config, variant, policy = check_model_args({"pretrained": pretrained, **model_args})
         if config is not None:
             join_processes(cpu=config.device == "cpu")  # launched: this rank's GPU becomes the current one before loading
         loaded = values.pretrained if config is None else load_model(config)
